@@ -225,18 +225,20 @@ class _PaddedShard:
   exactly once over all hosts.
   """
 
-  def __init__(self, source: Any, start: int, end: int):
+  def __init__(self, source: Any, start: int, end: int,
+               image_shape: tuple[int, int, int]):
     self._source = source
     self._start = start
     self._count = end - start
+    self._image_shape = image_shape
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     if index < self._count:
       example = self._source[self._start + index]
       return {"image": example["image"], "label": np.int32(example["label"]),
               "mask": np.bool_(True)}
-    shape = self._source[0]["image"].shape
-    return {"image": np.zeros(shape, np.uint8), "label": np.int32(0),
+    return {"image": np.zeros(self._image_shape, np.uint8),
+            "label": np.int32(0),
             "mask": np.bool_(False)}
 
 
@@ -284,7 +286,9 @@ def create_eval_iterator(
   num_batches = -(-per_host // local_batch)
   dataset = (
       grain.MapDataset.range(num_batches * local_batch)
-      .map(_PaddedShard(source, start, end))
+      .map(_PaddedShard(source, start, end, (config.data.image_size,
+                                             config.data.image_size,
+                                             config.data.channels)))
       .batch(local_batch, drop_remainder=True)
       .map(ToModelInput()))
   return iter(dataset)
