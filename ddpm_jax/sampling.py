@@ -1,0 +1,277 @@
+"""Samplers of the reverse process: ancestral (DDPM), DDIM, and respacing.
+
+Every chain runs inside one compiled `lax` loop. `sample_steps` runs any
+contiguous stretch of a chain, so a command-line tool can advance a progress
+bar between compiled chunks; the per-step noise comes from `fold_in(rng, t)`,
+so a chain run in chunks equals the chain run whole.
+
+RNG: `rng` is one key for the whole batch, or a batch of keys (`[B]` typed
+keys or `[B, 2]` raw keys), one per example, so that an example's sample does
+not depend on the batch it was drawn in.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion as diff
+from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+def _is_batched(rng) -> bool:
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim == 1
+  return rng.ndim == 2
+
+
+def _fold_in(rng, data):
+  if _is_batched(rng):
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(rng)
+  return jax.random.fold_in(rng, data)
+
+
+def _normal(rng, shape, dtype=jnp.float32):
+  """Standard normal `shape`; per example when `rng` is a batch of keys."""
+  if _is_batched(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(
+          f"Got {rng.shape[0]} keys for a batch of {shape[0]} examples.")
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(rng)
+  return jax.random.normal(rng, shape, dtype)
+
+
+# ---------------------------------------------------------------------------
+# One step of each sampler
+
+
+def p_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
+             clip_denoised: bool = True) -> dict:
+  """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t).
+
+  Args:
+    x: `[B, ...]` float32; t: int32 `[B]`; rng: key(s) for the step's noise.
+
+  Returns:
+    dict with `sample` (no noise is added where t == 0) and `pred_xstart`.
+  """
+  out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
+                             clip_denoised=clip_denoised)
+  noise = _normal(rng, x.shape, x.dtype)
+  nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
+                         t, x.ndim)
+  sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+  return dict(sample=sample, pred_xstart=out["pred_xstart"])
+
+
+def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
+                eta: float = 0.0, clip_denoised: bool = True) -> dict:
+  """One DDIM step (Song et al. 2021) x_t -> x_{t-1}; eta = 0 is deterministic."""
+  out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
+                             clip_denoised=clip_denoised)
+  n = x.ndim
+  # The eps implied by the (possibly clipped) x_0 keeps the step consistent.
+  eps = diff.predict_eps_from_xstart(d, x, t, out["pred_xstart"])
+  abar = diff.extract(d.alphas_cumprod, t, n)
+  abar_prev = diff.extract(d.alphas_cumprod_prev, t, n)
+  sigma = (eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) *
+           jnp.sqrt(1.0 - abar / abar_prev))
+  mean = (out["pred_xstart"] * jnp.sqrt(abar_prev) +
+          jnp.sqrt(1.0 - abar_prev - jnp.square(sigma)) * eps)
+  noise = _normal(rng, x.shape, x.dtype)
+  nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
+                         t, n)
+  return dict(sample=mean + nonzero * sigma * noise,
+              pred_xstart=out["pred_xstart"])
+
+
+def ddim_reverse_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t,
+                        clip_denoised: bool = False) -> dict:
+  """One deterministic DDIM step forward in time, x_t -> x_{t+1} (encoding)."""
+  out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
+                             clip_denoised=clip_denoised)
+  n = x.ndim
+  eps = diff.predict_eps_from_xstart(d, x, t, out["pred_xstart"])
+  abar_next = diff.extract(
+      jnp.append(d.alphas_cumprod[1:], 0.0), t, n)
+  sample = (out["pred_xstart"] * jnp.sqrt(abar_next) +
+            jnp.sqrt(1.0 - abar_next) * eps)
+  return dict(sample=sample, pred_xstart=out["pred_xstart"])
+
+
+# ---------------------------------------------------------------------------
+# Chains
+
+
+def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
+                 t_end, *, sampler: str = "ancestral", eta: float = 0.0,
+                 clip_denoised: bool = True):
+  """Runs the reverse steps t = t_start - 1, ..., t_end: x_{t_start} -> x_{t_end}.
+
+  A full chain is `t_start = T, t_end = 0` from x_T ~ N(0, I). `t_start` and
+  `t_end` may be traced, so one compiled function serves every chunk of a
+  chain; step t draws its noise from `fold_in(rng, t)`.
+
+  Args:
+    x: `[B, ...]` float32, the state at level t_start.
+    rng: key(s) of the chain (see the module docstring).
+    t_start, t_end: ints with 0 <= t_end <= t_start <= T.
+    sampler: 'ancestral' or 'ddim'.
+    eta: DDIM's noise scale (0: deterministic); ignored by 'ancestral'.
+
+  Returns:
+    `[B, ...]` float32, the state at level t_end.
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(
+        f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+  for name, value in (("t_start", t_start), ("t_end", t_end)):
+    if isinstance(value, (int, np.integer)) and not 0 <= value <= d.num_timesteps:
+      raise ValueError(f"{name}={value} out of range 0..{d.num_timesteps}.")
+  batch = x.shape[0]
+
+  def body(i, x):
+    t = t_start - 1 - i
+    t_b = jnp.full((batch,), t, dtype=jnp.int32)
+    key = _fold_in(rng, t)
+    if sampler == "ancestral":
+      return p_sample(d, model_fn, x, t_b, key, clip_denoised)["sample"]
+    return ddim_sample(d, model_fn, x, t_b, key, eta, clip_denoised)["sample"]
+
+  return jax.lax.fori_loop(0, t_start - t_end, body, x)
+
+
+def _initial_noise(d, rng, shape):
+  # The prior sample uses a key no step uses (steps fold in t in [0, T)).
+  return _normal(_fold_in(rng, d.num_timesteps), tuple(shape))
+
+
+def p_sample_loop(d: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
+                  rng, clip_denoised: bool = True):
+  """Ancestral sampling: x_T ~ N(0, I), then T reverse steps, in one `lax` loop.
+
+  Returns `[*shape]` float32 samples (not clipped; clip to [-1, 1] to use).
+  """
+  x = _initial_noise(d, rng, shape)
+  return sample_steps(d, model_fn, x, rng, d.num_timesteps, 0,
+                      sampler="ancestral", clip_denoised=clip_denoised)
+
+
+def ddim_sample_loop(d: GaussianDiffusion, model_fn: ModelFn,
+                     shape: Sequence[int], rng, eta: float = 0.0,
+                     clip_denoised: bool = True, noise=None):
+  """DDIM sampling over every step of `d` (respace `d` to take fewer steps).
+
+  `noise` (`[*shape]`) replaces the drawn x_T, e.g. a `ddim_reverse_sample_loop`
+  encoding. Returns `[*shape]` float32 samples.
+  """
+  x = _initial_noise(d, rng, shape) if noise is None else noise
+  return sample_steps(d, model_fn, x, rng, d.num_timesteps, 0, sampler="ddim",
+                      eta=eta, clip_denoised=clip_denoised)
+
+
+def ddim_reverse_sample_loop(d: GaussianDiffusion, model_fn: ModelFn, x_start,
+                             clip_denoised: bool = False):
+  """Deterministically encodes data x_0 into x_T (the inverse of eta = 0 DDIM)."""
+  batch = x_start.shape[0]
+
+  def body(t, x):
+    t_b = jnp.full((batch,), t, dtype=jnp.int32)
+    return ddim_reverse_sample(d, model_fn, x, t_b, clip_denoised)["sample"]
+
+  return jax.lax.fori_loop(0, d.num_timesteps, body, x_start)
+
+
+# ---------------------------------------------------------------------------
+# Respacing
+
+
+def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
+  """The timesteps kept when respacing T steps, as in improved DDPM.
+
+  Args:
+    num_timesteps: T of the original process.
+    section_counts: "ddimK" (K evenly strided steps, DDIM style); an int or
+      "K" (K steps spread evenly); or "a,b,c" / a sequence (the T steps are
+      cut into equal sections and section i keeps a_i evenly spaced steps).
+
+  Returns:
+    The sorted list of kept 0-based timesteps.
+  """
+  spec = section_counts
+  if isinstance(spec, str):
+    if spec.startswith("ddim"):
+      try:
+        wanted = int(spec[len("ddim"):])
+      except ValueError:
+        raise ValueError(
+            f"Bad respacing {spec!r}: 'ddim' must be followed by a step count, "
+            "as in 'ddim50'.") from None
+      for stride in range(1, num_timesteps + 1):
+        if len(range(0, num_timesteps, stride)) == wanted:
+          return list(range(0, num_timesteps, stride))
+      raise ValueError(
+          f"Cannot take exactly {wanted} evenly strided steps of "
+          f"T={num_timesteps} for {spec!r}; pick another count or use "
+          f"'{wanted}' (even spacing).")
+    try:
+      counts = [int(s) for s in spec.split(",")]
+    except ValueError:
+      raise ValueError(
+          f"Bad respacing {spec!r}: use 'K', 'a,b,c' or 'ddimK' with integer "
+          "step counts.") from None
+  elif isinstance(spec, (int, np.integer)):
+    counts = [int(spec)]
+  else:
+    counts = [int(c) for c in spec]
+  if not counts or any(c < 1 for c in counts):
+    raise ValueError(f"Bad respacing {spec!r}: step counts must be >= 1.")
+  if sum(counts) > num_timesteps:
+    raise ValueError(
+        f"Respacing {spec!r} asks for {sum(counts)} steps but the process has "
+        f"only T={num_timesteps}; allowed: 1..{num_timesteps} in total.")
+  size_per, extra = divmod(num_timesteps, len(counts))
+  kept, start = [], 0
+  for i, count in enumerate(counts):
+    size = size_per + (1 if i < extra else 0)
+    if size < count:
+      raise ValueError(
+          f"Respacing {spec!r}: section {i} has {size} steps, cannot keep "
+          f"{count} of them.")
+    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+    kept += [start + round(j * stride) for j in range(count)]
+    start += size
+  return sorted(set(kept))
+
+
+def respace(d: GaussianDiffusion, section_counts):
+  """A process over a subset of the timesteps of `d`, for faster sampling.
+
+  The kept steps' betas are recomputed in float64 from `d`'s alpha-bars as
+  beta_i = 1 - abar_{k_i} / abar_{k_{i-1}}, so the marginals q(x_t | x_0) of
+  the kept steps are unchanged; the model is fed the original timesteps.
+
+  Args:
+    d: a concrete (not traced) process, possibly itself respaced.
+    section_counts: see `space_timesteps`.
+
+  Returns:
+    (the respaced `GaussianDiffusion`, int32 `[K]` map from its steps to the
+    timesteps of the process the model was trained on).
+  """
+  kept = space_timesteps(d.num_timesteps, section_counts)
+  # float64 from the stored float32 betas (exactly the process `d` runs).
+  abar = np.cumprod(1.0 - np.asarray(d.betas, dtype=np.float64))
+  betas, last = [], 1.0
+  for k in kept:
+    betas.append(1.0 - abar[k] / last)
+    last = abar[k]
+  timestep_map = np.asarray(d.timestep_map)[kept]
+  new = GaussianDiffusion.create(
+      np.asarray(betas), model_mean_type=d.model_mean_type,
+      model_var_type=d.model_var_type, loss_type=d.loss_type,
+      timestep_map=timestep_map,
+      original_num_timesteps=d.original_num_timesteps)
+  return new, new.timestep_map
