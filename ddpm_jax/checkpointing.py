@@ -1,0 +1,299 @@
+"""Run directories and orbax checkpoints.
+
+A run's workdir holds
+
+  config.json     the full config of the run (written atomically at start)
+  checkpoints/    an orbax `CheckpointManager` directory; step N is
+                  `checkpoints/N/{state,data}`: the `TrainState` and the grain
+                  iterator state of every host, saved together.
+
+Orbax writes each step under a temporary name and renames it when complete,
+and lists only finalised steps, so a run killed mid-save resumes from the
+previous complete step.
+"""
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ddpm_jax import parallel
+from ddpm_jax import train_state as ts
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+
+
+class CheckpointError(ValueError):
+  """A workdir or checkpoint cannot be used as asked (a user error)."""
+
+
+# ----------------------------------------------------------------------------
+# config.json
+
+
+def _tuplify(value):
+  """JSON turns tuples into lists; configs use tuples (e.g. model.ch_mult)."""
+  if isinstance(value, list):
+    return tuple(_tuplify(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuplify(v) for k, v in value.items()}
+  return value
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `workdir/config.json` atomically (temp file + rename); process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """Reads the config a run wrote to `workdir/config.json`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(
+        f"{path} does not exist: {workdir!r} is not a run directory (train with "
+        "`python -m ddpm_jax.train --workdir DIR`, or convert weights with "
+        "`checkpointing.save_pretrained`).")
+  with open(path) as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  return ml_collections.ConfigDict(_tuplify(data))
+
+
+# ----------------------------------------------------------------------------
+# The checkpoint manager
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+def create_manager(workdir: str, *, max_to_keep: Optional[int] = None,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """An orbax manager over `workdir/checkpoints` (async saves when writable).
+
+  Args:
+    workdir: the run directory.
+    max_to_keep: checkpoints kept on disk (None keeps all).
+    read_only: for inference: never creates or deletes anything.
+  """
+  directory = checkpoint_dir(workdir)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0)
+    # Item handlers named up front so metadata can be read before any save.
+    return ocp.CheckpointManager(
+        directory, options=options,
+        item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+  import grain  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                     DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+
+
+def existing_steps(workdir: str) -> list[int]:
+  """Complete checkpoint steps in `workdir`, oldest first (temp dirs excluded)."""
+  if not checkpoint_dir(workdir).exists():
+    return []
+  manager = create_manager(workdir, read_only=True)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def save(manager: ocp.CheckpointManager, state: ts.TrainState,
+         data_iterator: Any = None) -> None:
+  """Starts an async save of `state` (and the grain iterator) at `state.step`.
+
+  The iterator state is read now, synchronously, so it matches `state`.
+  Call `manager.wait_until_finished()` before exiting.
+  """
+  args = {STATE_ITEM: ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    import grain  # pylint: disable=g-import-not-at-top
+    args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: Any = None) -> tuple[ts.TrainState, Any]:
+  """Restores step `step` into the shapes/shardings of `abstract_state`.
+
+  Args:
+    manager: from `create_manager`.
+    step: an existing step.
+    abstract_state: `TrainState` of `jax.ShapeDtypeStruct`s with `.sharding`
+      set (see `abstract_with_shardings`).
+    data_iterator: a fresh grain iterator; its state is set from the
+      checkpoint when the step holds one (a `save_pretrained` step does not).
+  Returns:
+    (state, data_iterator).
+  """
+  args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+  has_data = (manager.directory / str(step) / DATA_ITEM).exists()
+  if data_iterator is not None and has_data:
+    import grain  # pylint: disable=g-import-not-at-top
+    args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  if data_iterator is not None and has_data:
+    data_iterator = restored[DATA_ITEM]
+  return restored[STATE_ITEM], data_iterator
+
+
+def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_tree, shardings)
+
+
+# ----------------------------------------------------------------------------
+# Shape checks
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, tuple]:
+  """{'a/b/c': shape} for a nested mapping of arrays or metadata."""
+  out = {}
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+  else:
+    out[prefix] = tuple(getattr(tree, "shape", ()))
+  return out
+
+
+def _saved_state_tree(manager: ocp.CheckpointManager, step: int) -> Mapping[str, Any]:
+  item = manager.item_metadata(step)[STATE_ITEM]
+  if item is None:
+    raise CheckpointError(f"Step {step} in {manager.directory} holds no train state.")
+  return getattr(item, "tree", item)
+
+
+def describe_mismatch(expected: Any, saved: Any, *, limit: int = 5) -> Optional[str]:
+  """Human-readable difference of two param trees' shapes, or None if equal."""
+  a, b = _flatten(expected), _flatten(saved)
+  lines = []
+  for name in sorted(set(a) | set(b)):
+    if name not in b:
+      lines.append(f"  {name}: expected {a[name]}, missing in checkpoint")
+    elif name not in a:
+      lines.append(f"  {name}: in checkpoint {b[name]}, not in the model")
+    elif a[name] != b[name]:
+      lines.append(f"  {name}: model {a[name]} vs checkpoint {b[name]}")
+  if not lines:
+    return None
+  more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+  return "\n".join(lines[:limit]) + more
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
+                     workdir: str = "") -> None:
+  """Raises `CheckpointError` if step `step` holds params of other shapes."""
+  saved = _saved_state_tree(manager, step)
+  diff = describe_mismatch(abstract_params, saved.get("params", {}))
+  if diff:
+    raise CheckpointError(
+        f"The checkpoint at step {step} in {workdir or manager.directory} holds a "
+        f"model of a different shape than the config asks for:\n{diff}\n"
+        "Use a new --workdir, or the config the run was trained with "
+        f"({os.path.join(workdir, CONFIG_FILE) if workdir else CONFIG_FILE}). "
+        "Nothing was changed.")
+
+
+# ----------------------------------------------------------------------------
+# Inference entry points
+
+
+def save_pretrained(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
+  """Writes a complete step-0 run whose params and EMA params are `params`.
+
+  train (fine-tuning), sample and evaluate then load `workdir` like any run.
+  The optimiser state is freshly initialised.
+
+  Raises:
+    CheckpointError: `workdir` already holds checkpoints, or `params` do not
+      have the shapes of the model `config` describes.
+  """
+  steps = existing_steps(workdir)
+  if steps:
+    raise CheckpointError(
+        f"{workdir} already holds checkpoints (steps {steps}); save_pretrained "
+        "writes a new run: choose an empty workdir.")
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config)
+  rng = jax.random.PRNGKey(config.training.seed)
+  abstract = jax.eval_shape(lambda: ts.create_train_state(config, rng, model))
+  diff = describe_mismatch(abstract.params, params)
+  if diff:
+    raise CheckpointError(
+        f"The given params do not match the model of the config:\n{diff}")
+  state = ts.create_train_state(config, rng, model, params=params)
+  write_config(workdir, config)
+  manager = create_manager(workdir, max_to_keep=None)
+  try:
+    save(manager, state)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def load_params(workdir: str, *, step: Optional[int] = None, which: str = "ema",
+                sharding: Optional[jax.sharding.Sharding] = None
+                ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """Loads one parameter tree of a run for inference.
+
+  Only the chosen subtree is read: no optimiser state, no data iterator.
+
+  Args:
+    workdir: a run directory (config.json + checkpoints/).
+    step: the step to load; None for the newest complete one.
+    which: 'ema' (the EMA parameters, used for sampling) or 'params'.
+    sharding: where the arrays go; default replicated over all devices.
+  Returns:
+    (config, params, step): the run's config, a float32 param pytree, the step.
+  """
+  keys = {"ema": "ema_params", "params": "params"}
+  if which not in keys:
+    raise CheckpointError(f"which={which!r}: must be one of {sorted(keys)}.")
+  config = read_config(workdir)
+  steps = existing_steps(workdir)
+  if not steps:
+    raise CheckpointError(f"No complete checkpoint in {checkpoint_dir(workdir)}.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(
+        f"Step {step} does not exist in {checkpoint_dir(workdir)}; existing steps: {steps}.")
+  if sharding is None:
+    sharding = NamedSharding(parallel.create_mesh(), P())
+  manager = create_manager(workdir, read_only=True)
+  try:
+    saved = _saved_state_tree(manager, step)[keys[which]]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), saved)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(
+            item={keys[which]: target}, restore_args={keys[which]: restore_args},
+            partial_restore=True)}))
+  finally:
+    manager.close()
+  return config, restored[STATE_ITEM][keys[which]], step

@@ -1,0 +1,75 @@
+"""Train a DDPM: `python -m ddpm_jax.train --config configs/digits.py --workdir DIR`.
+
+Override any config key from the command line, e.g.
+`--config.training.batch_size=256`. The run resumes automatically from the
+newest complete checkpoint in DIR. For several CPU processes pass
+--coordinator_address/--num_processes/--process_id (see launch/local.sh); on
+a TPU pod or a SLURM cluster multi-host start-up is detected automatically.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/digits.py (or configs/digits.py:test).",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 (multi-process CPU runs; env JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (env JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's id (env JAX_PROCESS_ID).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl flag parsing with a one-line error (exit 1) for unknown config keys."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}\nPass --helpfull for the flags.", file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these from a locked config for a key it lacks.
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: unknown config key {e} in one of {overrides}. Every key is "
+          "defined in configs/default.py (a locked config cannot gain keys).",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _quiet_orbax() -> None:
+  """Keep the console for progress: orbax logs every save step at INFO."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  class _Filter(std_logging.Filter):
+
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _quiet_orbax()
+  # Imported after flag parsing so that `--help` is fast.
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
+    # User errors (bad config, data, workdir) and divergence: a message, no traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,324 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Creates (or resumes) the state over a mesh of every device, feeds the jitted
+train step, fetches metrics one call late so dispatch stays asynchronous,
+logs (console, metrics.jsonl, TensorBoard; process 0 only), samples grids
+of the EMA parameters, and saves orbax checkpoints. SIGTERM saves the current
+step and returns; a NaN/Inf loss or gradient raises, naming the step, with
+the last good checkpoint left as it was.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ddpm_jax import checkpointing
+from ddpm_jax import image_grid
+from ddpm_jax import parallel
+from ddpm_jax import train_state as ts
+from ddpm_jax import train_step as train_step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradient norm became NaN or Inf."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for training settings that cannot work."""
+  t = config.training
+  k = int(t.steps_per_call)
+  if k < 1:
+    raise ValueError(f"training.steps_per_call must be >= 1, got {k}.")
+  for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
+               "sample_every_steps"):
+    value = int(t[name])
+    if value < (0 if name == "sample_every_steps" else 1):
+      raise ValueError(f"training.{name} must be >= 1 (sample_every_steps: 0 disables), "
+                       f"got {value}.")
+    if value and value % k:
+      raise ValueError(f"training.{name}={value} must be a multiple of "
+                       f"training.steps_per_call={k}.")
+
+
+def _crossed(step: int, prev: int, every: int) -> bool:
+  """True if a multiple of `every` lies in (prev, step]."""
+  return every > 0 and step // every > prev // every
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def any_process(self) -> bool:
+    """All hosts must agree to save together: OR the flag over processes."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+class _MetricWriter:
+  """metrics.jsonl + TensorBoard scalars/images; a no-op off process 0."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self.active:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # optional: metrics.jsonl still holds everything
+        self._tb = None
+
+  def scalars(self, step: int, values: dict) -> None:
+    if not self.active:
+      return
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(f"train/{k}", v, step)
+      self._tb.flush()
+
+  def image(self, step: int, name: str, grid_uint8: np.ndarray) -> None:
+    if self.active and self._tb is not None:
+      self._tb.add_image(name, grid_uint8, step, dataformats="HWC")
+      self._tb.flush()
+
+  def close(self):
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _summarise(window: list, batch_size: int, seconds: float, step: int,
+               num_train_steps: int) -> dict:
+  """Averages a logging window of per-step host metrics."""
+  stacked = {k: np.concatenate([np.atleast_1d(m[k]) for m in window]) for k in window[0]}
+  n = len(stacked["loss"])
+  out = {k: float(np.mean(stacked[k])) for k in ("loss", "grad_norm", "param_norm")}
+  out["lr"] = float(stacked["lr"][-1])
+  for i in range(train_step_lib.NUM_QUARTILES):
+    count = float(np.sum(stacked[f"loss_q{i}_count"]))
+    if count > 0:
+      out[f"loss_q{i}"] = float(np.sum(stacked[f"loss_q{i}_sum"]) / count)
+  steps_per_sec = n / max(seconds, 1e-9)
+  out["steps_per_sec"] = steps_per_sec
+  out["images_per_sec"] = steps_per_sec * batch_size
+  out["eta_sec"] = (num_train_steps - step) / max(steps_per_sec, 1e-9)
+  return out
+
+
+def _check_finite(metrics: dict, first_step: int) -> None:
+  """Raises NonFiniteError naming the first update with a NaN/Inf.
+
+  Args:
+    metrics: host metrics of one call ([K] or scalars).
+    first_step: state.step before the call (updates are numbered from 1).
+  """
+  loss = np.atleast_1d(metrics["loss"])
+  gnorm = np.atleast_1d(metrics["grad_norm"])
+  bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise NonFiniteError(
+        f"Non-finite training at step {first_step + i + 1}: loss={loss[i]}, "
+        f"grad_norm={gnorm[i]}. The state of this step was not saved; the last good "
+        "checkpoint is kept. Try a lower optim.lr, optim.grad_clip > 0 or a longer "
+        "optim.warmup_steps.")
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, model: Any, diffusion: Any, mesh):
+  """jitted `sample(ema_params, rng) -> [N, H, W, C]` with the ancestral sampler."""
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  n = int(config.training.num_sample_images)
+  shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
+  num_classes = int(config.model.num_classes)
+  # Conditional models: cycle through the classes so each grid column is one class.
+  y = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes > 0 else None
+
+  def sample(params, rng):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, y, train=False)
+    return sampling.p_sample_loop(diffusion, model_fn, shape, rng, clip_denoised=True)
+
+  return jax.jit(sample, out_shardings=parallel.replicated(mesh))
+
+
+def _next_batch(data_iterator: Iterator, steps_per_call: int) -> dict:
+  if steps_per_call == 1:
+    return next(data_iterator)
+  batches = [next(data_iterator) for _ in range(steps_per_call)]
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    model: Any = None,
+    diffusion: Any = None,
+    data_iterator: Optional[Iterator] = None,
+    losses_fn: Any = None,
+    sample_fn: Any = None,
+) -> ts.TrainState:
+  """Trains (resuming from the newest complete checkpoint in `workdir`).
+
+  Args:
+    config: the full run config (see configs/default.py).
+    workdir: run directory: config.json, checkpoints/, metrics.jsonl,
+      tensorboard/, samples/step_N.png.
+    model, diffusion, data_iterator, losses_fn, sample_fn: overrides for
+      tests and custom code; by default built from the config
+      (`models.create_model`, `models.create_diffusion`,
+      `input_pipeline.create_train_iterator`, `diffusion.training_losses`,
+      the ancestral sampler). A custom `data_iterator` is not checkpointed.
+
+  Returns:
+    the final state (at num_train_steps, or where SIGTERM stopped it).
+
+  Raises:
+    ValueError (incl. checkpointing.CheckpointError): bad config or workdir;
+    NonFiniteError: NaN/Inf loss or gradient norm.
+  """
+  parallel.configure_jax()
+  validate_config(config)
+  mesh = parallel.create_mesh()
+  batch_size = int(config.training.batch_size)
+  parallel.check_batch_size(batch_size, mesh)
+  steps_per_call = int(config.training.steps_per_call)
+  num_train_steps = int(config.training.num_train_steps)
+  seed = int(config.training.seed)
+
+  if model is None or diffusion is None:
+    from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+    model = model if model is not None else models.create_model(config)
+    diffusion = diffusion if diffusion is not None else models.create_diffusion(config)
+  checkpoint_data = data_iterator is None
+  if data_iterator is None:
+    from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    data_iterator = input_pipeline.create_train_iterator(config, seed=seed)
+
+  rng = jax.random.PRNGKey(seed)
+  init_fn = lambda key: ts.create_train_state(config, key, model)  # noqa: E731
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = parallel.state_shardings(abstract, mesh, bool(config.training.shard_params))
+
+  # Check the workdir before writing anything into it.
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.create_manager(workdir, max_to_keep=int(config.training.max_to_keep))
+  writer = None
+  try:
+    latest = manager.latest_step()
+    if latest is not None:
+      checkpointing.check_compatible(manager, latest, abstract.params, workdir)
+      state, restored_iter = checkpointing.restore(
+          manager, latest, checkpointing.abstract_with_shardings(abstract, shardings),
+          data_iterator if checkpoint_data else None)
+      if checkpoint_data:
+        data_iterator = restored_iter
+      logging.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), latest)
+    else:
+      state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    checkpointing.write_config(workdir, config)
+    writer = _MetricWriter(workdir)
+
+    step_fn = train_step_lib.make_train_step(config, model, diffusion, losses_fn)
+    p_train_step = train_step_lib.jit_train_step(step_fn, mesh, shardings, steps_per_call)
+    batch_sharding = parallel.batch_sharding(mesh, 1 if steps_per_call > 1 else 0)
+    if sample_fn is None and config.training.sample_every_steps > 0:
+      sample_fn = make_sample_fn(config, model, diffusion, mesh)
+    sample_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # not a training key
+
+    step = int(jax.device_get(state.step))
+    if step >= num_train_steps:
+      logging.info("Step %d >= num_train_steps=%d: nothing to train.", step, num_train_steps)
+      return state
+    save_iter = data_iterator if checkpoint_data else None
+    pending = None  # (state.step before the call, device metrics) of the last call
+    window, window_start = [], time.time()
+
+    def flush():
+      """Fetch the last call's metrics (blocks on it) and check them."""
+      nonlocal pending
+      if pending is not None:
+        first, m = pending
+        pending = None
+        host = jax.device_get(m)
+        _check_finite(host, first)
+        window.append(host)
+
+    with _Preemption() as preemption:
+      while step < num_train_steps:
+        batch = parallel.global_batch(_next_batch(data_iterator, steps_per_call),
+                                      batch_sharding, batch_size,
+                                      1 if steps_per_call > 1 else 0)
+        state, metrics = p_train_step(state, batch)
+        prev, step = step, step + steps_per_call
+        flush()  # the previous call's metrics; this call keeps running
+        pending = (prev, metrics)
+
+        if _crossed(step, prev, config.training.log_every_steps) or step == num_train_steps:
+          flush()
+          now = time.time()
+          summary = _summarise(window, batch_size, now - window_start, step, num_train_steps)
+          window, window_start = [], now
+          writer.scalars(step, summary)
+          if jax.process_index() == 0:
+            logging.info("step %d/%d  loss %.5f  %.1f img/s  ETA %s", step, num_train_steps,
+                         summary["loss"], summary["images_per_sec"],
+                         time.strftime("%H:%M:%S", time.gmtime(summary["eta_sec"])))
+
+        stop = preemption.any_process()
+        if (stop or step == num_train_steps
+            or _crossed(step, prev, config.training.checkpoint_every_steps)):
+          flush()  # never save a state whose metrics were not checked
+          checkpointing.save(manager, state, save_iter)
+          logging.info("Saved checkpoint at step %d.", step)
+
+        if sample_fn is not None and _crossed(step, prev, config.training.sample_every_steps):
+          flush()
+          samples = np.asarray(jax.device_get(sample_fn(state.ema_params, sample_rng)))
+          if jax.process_index() == 0:
+            grid = image_grid.save_image_grid(
+                samples, os.path.join(workdir, "samples", f"step_{step}.png"),
+                upscale=max(1, 64 // int(config.data.image_size)))
+            writer.image(step, "samples", grid)
+
+        if stop:
+          logging.warning("SIGTERM: saved step %d, stopping.", step)
+          break
+    return state
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    if writer is not None:
+      writer.close()
