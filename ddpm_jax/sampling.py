@@ -143,8 +143,11 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
   return jax.lax.fori_loop(0, t_start - t_end, body, x)
 
 
-def _initial_noise(d, rng, shape):
-  # The prior sample uses a key no step uses (steps fold in t in [0, T)).
+def prior_sample(d: GaussianDiffusion, rng, shape: Sequence[int]):
+  """x_T ~ N(0, I) `[*shape]` float32, the start of every chain drawn from `rng`.
+
+  Uses `fold_in(rng, T)`, a key no step uses (steps fold in t in [0, T)).
+  """
   return _normal(_fold_in(rng, d.num_timesteps), tuple(shape))
 
 
@@ -154,7 +157,7 @@ def p_sample_loop(d: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
 
   Returns `[*shape]` float32 samples (not clipped; clip to [-1, 1] to use).
   """
-  x = _initial_noise(d, rng, shape)
+  x = prior_sample(d, rng, shape)
   return sample_steps(d, model_fn, x, rng, d.num_timesteps, 0,
                       sampler="ancestral", clip_denoised=clip_denoised)
 
@@ -167,7 +170,7 @@ def ddim_sample_loop(d: GaussianDiffusion, model_fn: ModelFn,
   `noise` (`[*shape]`) replaces the drawn x_T, e.g. a `ddim_reverse_sample_loop`
   encoding. Returns `[*shape]` float32 samples.
   """
-  x = _initial_noise(d, rng, shape) if noise is None else noise
+  x = prior_sample(d, rng, shape) if noise is None else noise
   return sample_steps(d, model_fn, x, rng, d.num_timesteps, 0, sampler="ddim",
                       eta=eta, clip_denoised=clip_denoised)
 

@@ -138,7 +138,7 @@ def test_chunked_chain_equals_the_whole_chain():
   model = gaussian_oracle(d)
   key = jax.random.key(7)
   whole = S.p_sample_loop(d, model, (16, 2), key)
-  x = S._initial_noise(d, key, (16, 2))
+  x = S.prior_sample(d, key, (16, 2))
   step = jax.jit(lambda x, hi, lo: S.sample_steps(d, model, x, key, hi, lo))
   for hi in range(100, 0, -30):  # 100 -> 70 -> 40 -> 10 -> 0, one compile
     x = step(x, hi, max(hi - 30, 0))

@@ -1,0 +1,173 @@
+"""Drawing many samples from a trained model: batches, sharding, progress.
+
+Sample i depends only on the seed and i: example i's chain runs on the key
+`fold_in(PRNGKey(seed), i)`, whatever the batch size or device count. Each
+batch is sharded over every device (of every host); its chain runs in chunks
+of one compiled program, so a progress bar can advance between them.
+"""
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from ddpm_jax import image_grid
+from ddpm_jax import models
+from ddpm_jax import parallel
+from ddpm_jax import sampling
+from ddpm_jax.diffusion import GaussianDiffusion
+
+# A chain is cut into about this many compiled chunks for the progress bar.
+_CHUNKS_PER_CHAIN = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+  """How to run the reverse process.
+
+  sampler: 'ancestral' or 'ddim'.
+  steps: None for all T steps, else a respacing: an int K or a spacing string
+    ('250', '10,10,20', 'ddim50'; see `sampling.space_timesteps`).
+  eta: DDIM's noise scale (0 = deterministic).
+  clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
+  """
+  sampler: str = "ancestral"
+  steps: Optional[int | str] = None
+  eta: float = 0.0
+  clip_denoised: bool = True
+
+
+def sampling_diffusion(config: ml_collections.ConfigDict,
+                       options: SamplerOptions) -> GaussianDiffusion:
+  """The (respaced) process to sample from; raises ValueError on bad options."""
+  if options.sampler not in sampling.SAMPLERS:
+    raise ValueError(f"Unknown sampler {options.sampler!r}; choose one of "
+                     f"{', '.join(sampling.SAMPLERS)}.")
+  if options.eta < 0:
+    raise ValueError(f"eta must be >= 0, got {options.eta}.")
+  d = models.create_diffusion(config)
+  if options.steps is None or str(options.steps) == str(d.num_timesteps):
+    return d
+  return sampling.respace(d, options.steps)[0]
+
+
+def example_keys(seed: int, start: int, count: int) -> np.ndarray:
+  """Raw uint32 keys `[count, 2]` of examples start .. start + count - 1."""
+  root = jax.random.PRNGKey(seed)
+  idx = jnp.arange(start, start + count, dtype=jnp.uint32)
+  return np.asarray(jax.vmap(lambda i: jax.random.fold_in(root, i))(idx))
+
+
+def random_labels(keys: np.ndarray, num_classes: int) -> np.ndarray:
+  """One class per example, uniform, from the example's own key: int32 `[B]`."""
+  # fold_in(key, 2**31) is a key the chain never uses (it folds in t <= T).
+  label_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**31))(jnp.asarray(keys))
+  return np.asarray(jax.vmap(
+      lambda k: jax.random.randint(k, (), 0, num_classes))(label_keys),
+                    np.int32)
+
+
+def make_chain_fn(model: Any, options: SamplerOptions) -> Callable:
+  """jitted `run(params, d, x, keys, y, t_start, t_end) -> x` over one chunk."""
+
+  def run(params, d, x, keys, y, t_start, t_end):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, y)
+    return sampling.sample_steps(
+        d, model_fn, x, keys, t_start, t_end, sampler=options.sampler,
+        eta=options.eta, clip_denoised=options.clip_denoised)
+
+  return jax.jit(run)
+
+
+def generate(config: ml_collections.ConfigDict, params: Any, *,
+             num_samples: int, batch_size: int,
+             options: SamplerOptions = SamplerOptions(), seed: int = 0,
+             labels: Optional[np.ndarray] = None, progress: bool = True
+             ) -> dict[str, Any]:
+  """Draws `num_samples` images from the model of `config` with `params`.
+
+  Args:
+    config: the run's config (model, data and diffusion sections).
+    params: the network's parameters (e.g. the EMA parameters).
+    num_samples: N >= 1.
+    batch_size: examples per compiled batch, over all devices; rounded up to
+      a multiple of the device count.
+    options: sampler, respacing, eta, clipping.
+    seed: the root seed; example i uses `fold_in(PRNGKey(seed), i)`.
+    labels: int `[N]` classes for a class-conditional model; default: drawn
+      uniformly per example from its key. Must be None for other models.
+    progress: show a progress bar over all steps of all batches.
+
+  Returns:
+    dict with `samples` uint8 `[N, H, W, C]` (clip, (x + 1) * 127.5, round),
+    `labels` int32 `[N]` (class-conditional models only) and `seconds`.
+  """
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f"num_samples ({num_samples}) and batch_size "
+                     f"({batch_size}) must be >= 1.")
+  num_classes = int(config.model.num_classes)
+  if labels is not None:
+    labels = np.asarray(labels, np.int32)
+    if num_classes == 0:
+      raise ValueError("Class labels were given but the model is unconditional "
+                       "(model.num_classes = 0).")
+    if labels.shape != (num_samples,):
+      raise ValueError(f"labels must have shape [{num_samples}], got {labels.shape}.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f"Class labels must lie in 0..{num_classes - 1}, got "
+                       f"{sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))}.")
+  d = sampling_diffusion(config, options)
+  model = models.create_model(config)
+  mesh = parallel.create_mesh()
+  n_dev = mesh.devices.size
+  batch_size = math.ceil(batch_size / n_dev) * n_dev
+  shard = parallel.batch_sharding(mesh)
+  image_shape = (config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  run = make_chain_fn(model, options)
+  prior = jax.jit(lambda d, keys: sampling.prior_sample(
+      d, keys, (keys.shape[0],) + image_shape), out_shardings=shard)
+  params = jax.device_put(params, parallel.replicated(mesh))
+
+  def to_global(a):
+    return jax.make_array_from_callback(a.shape, shard, lambda idx: a[idx])
+
+  num_batches = math.ceil(num_samples / batch_size)
+  steps = d.num_timesteps
+  chunk = max(1, math.ceil(steps / _CHUNKS_PER_CHAIN))
+  bar = tqdm(total=num_batches * steps, unit="step", disable=not progress
+             or jax.process_index() != 0, desc="sampling")
+  out_images, out_labels = [], []
+  start_time = time.perf_counter()
+  for b in range(num_batches):
+    keys = example_keys(seed, b * batch_size, batch_size)
+    if num_classes:
+      y = (random_labels(keys, num_classes) if labels is None else np.resize(
+          labels[b * batch_size:(b + 1) * batch_size], batch_size))
+      out_labels.append(y)
+      y = to_global(y)
+    else:
+      y = None
+    keys = to_global(keys)
+    x = prior(d, keys)
+    for hi in range(steps, 0, -chunk):
+      lo = max(hi - chunk, 0)
+      x = run(params, d, x, keys, y, hi, lo)
+      x.block_until_ready()
+      bar.update(hi - lo)
+    if jax.process_count() > 1:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    out_images.append(image_grid.to_uint8(np.asarray(x)))
+  bar.close()
+  seconds = time.perf_counter() - start_time
+  result = dict(samples=np.concatenate(out_images)[:num_samples],
+                seconds=seconds)
+  if num_classes:
+    result["labels"] = np.concatenate(out_labels)[:num_samples]
+  return result

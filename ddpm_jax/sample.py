@@ -1,0 +1,123 @@
+"""Draw samples from a run: `python -m ddpm_jax.sample --workdir DIR --out samples.npz`.
+
+Loads the newest (or `--step`) checkpoint of a training run or of a converted
+official model, and writes `samples` (uint8 [N, H, W, C], the FID protocol:
+clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
+an .npz, plus a PNG grid of the first samples. The output only replaces an
+existing file once it is complete. Example:
+
+  python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
+      --sampler ddim --steps 50 --out runs/digits/samples.npz
+"""
+import os
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
+flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA parameters (default) or the raw ones.")
+flags.DEFINE_integer("num_samples", 64, "Number of samples N.")
+flags.DEFINE_integer("batch_size", 64, "Samples per compiled batch over all devices.")
+flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "ddim"], "Reverse-process sampler.")
+flags.DEFINE_string("steps", None,
+                    "Sampling steps: K (evenly respaced), 'ddimK' (strided) or "
+                    "'a,b,c' (per-section counts); default: all T steps.")
+flags.DEFINE_float("eta", 0.0, "DDIM noise scale (0 = deterministic).")
+flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
+flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/step_N.npz).")
+flags.DEFINE_string("grid", None, "Output PNG grid of the first 100 samples "
+                    "(default: --out with .png; 'none' to skip).")
+flags.mark_flags_as_required(["workdir"])
+
+_GRID_MAX = 100
+
+
+def _check_writable(path: str) -> None:
+  """Fails early (before sampling) when `path` cannot be written."""
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise ValueError(f"Cannot write {path}: {e.strerror or e}.") from None
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory; give a file name for the output.")
+
+
+def _save_npz_atomic(path: str, **arrays) -> None:
+  parent = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def run(argv) -> None:
+  """Validates everything, then samples and writes the outputs."""
+  if len(argv) > 1:
+    raise ValueError(f"Unexpected arguments: {argv[1:]}")
+  # Imported after flag parsing so that `--help` is fast.
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
+
+  steps = FLAGS.steps
+  if steps is not None and steps.isdigit():
+    steps = int(steps)
+  options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=steps,
+                                      eta=FLAGS.eta)
+  if FLAGS.num_samples < 1 or FLAGS.batch_size < 1:
+    raise ValueError("--num_samples and --batch_size must be >= 1.")
+  config, params, step = checkpointing.load_params(
+      FLAGS.workdir, step=FLAGS.step,
+      which="ema" if FLAGS.params == "ema" else "params")
+  d = generation.sampling_diffusion(config, options)  # K > T etc. fail here
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"step_{step}.npz")
+  grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
+  writer = jax.process_index() == 0
+  if writer:
+    _check_writable(out)
+    if grid != "none":
+      _check_writable(grid)
+  print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
+        f"({FLAGS.params} params) with {FLAGS.sampler}, {d.num_timesteps} steps, "
+        f"on {jax.device_count()} device(s).", flush=True)
+  result = generation.generate(
+      config, params, num_samples=FLAGS.num_samples,
+      batch_size=FLAGS.batch_size, options=options, seed=FLAGS.seed)
+  if writer:
+    arrays = {"samples": result["samples"]}
+    if "labels" in result:
+      arrays["labels"] = result["labels"]
+    _save_npz_atomic(out, **arrays)
+    if grid != "none":
+      images = result["samples"][:_GRID_MAX].astype("float32") / 127.5 - 1.0
+      image_grid.save_image_grid(images, grid,
+                                 upscale=max(1, 64 // config.data.image_size))
+  rate = FLAGS.num_samples / result["seconds"]
+  print(f"Wrote {out}" + ("" if grid == "none" else f" and {grid}") +
+        f": {FLAGS.num_samples} samples in {result['seconds']:.1f} s "
+        f"({rate:.2f} images/s).", flush=True)
+
+
+def main(argv):
+  try:
+    run(argv)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
