@@ -1,0 +1,422 @@
+"""FID/IS/KID: the Flax FID Inception against torch-fidelity's PyTorch one,
+the preprocessing against torch's bilinear interpolate (pytorch-fid's), and
+the scores against closed forms and independent float64 computations."""
+import importlib.util
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from ddpm_jax import metrics
+from ddpm_jax.metrics import features as features_lib
+from ddpm_jax.metrics import inception as inception_lib
+from ddpm_jax.metrics import stats_cache
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# --------------------------------------------------------------------------
+# The peer: torch-fidelity's FID Inception module. The package's __init__
+# imports torchvision (which does not import beside the CPU torch here), so
+# the module file is imported on its own. Install: `pip install --no-deps
+# torch-fidelity==0.4.0`.
+# --------------------------------------------------------------------------
+
+
+def _import_torch_fidelity_inception():
+  spec = importlib.util.find_spec("torch_fidelity")
+  if spec is None:
+    pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)")
+  saved = {k: v for k, v in sys.modules.items() if k.startswith("torch_fidelity")}
+  package = types.ModuleType("torch_fidelity")
+  package.__path__ = list(spec.submodule_search_locations)
+  sys.modules["torch_fidelity"] = package
+  try:
+    from torch_fidelity import feature_extractor_inceptionv3 as peer_module  # pylint: disable=g-import-not-at-top
+  finally:
+    # Leave sys.modules as found, so nothing else sees the stub package.
+    for k in [k for k in sys.modules if k.startswith("torch_fidelity")]:
+      del sys.modules[k]
+    sys.modules.update(saved)
+  return peer_module
+
+
+@pytest.fixture(scope="module")
+def peer():
+  """torch-fidelity's FeatureExtractorInceptionV3 with random weights (float32)."""
+  peer_module = _import_torch_fidelity_inception()
+
+  class RandomPeer(peer_module.FeatureExtractorInceptionV3):
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+      if state_dict is None:  # The constructor's download, stubbed out below.
+        return None
+      return super().load_state_dict(state_dict, *args, **kwargs)
+
+  real_download = peer_module.load_state_dict_from_url
+  peer_module.load_state_dict_from_url = lambda *a, **k: None
+  try:
+    net = RandomPeer("inception-v3-compat", ["2048", "logits_unbiased"])
+  finally:
+    peer_module.load_state_dict_from_url = real_download
+  # Random weights scaled so activations stay O(1) through all 94 layers,
+  # and batch-norm statistics that are not the identity.
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        fan_in = m.weight[0].numel()
+        m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+      elif isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        m.weight.copy_(0.8 + 0.4 * torch.rand(n, generator=gen))
+        m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+        m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+        m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+      elif isinstance(m, torch.nn.Linear):
+        m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / 2048 ** 0.5)
+        m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+  return net.eval()
+
+
+@pytest.fixture(scope="module")
+def converted(peer):
+  return inception_lib.InceptionV3(), inception_lib.params_from_state_dict(peer.state_dict())
+
+
+_BODY = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+         "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+         "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c",
+         "AvgPool"]
+
+
+def _peer_on_float_input(peer, x_nchw):
+  """The peer's layers on an already preprocessed [-1, 1] float input."""
+  with torch.no_grad():
+    for name in _BODY:
+      x_nchw = getattr(peer, name)(x_nchw)
+    pool3 = torch.flatten(x_nchw, 1)
+    return pool3.numpy(), (pool3 @ peer.fc.weight.T).numpy()
+
+
+def _pytorch_fid_preprocess(images_uint8):
+  """pytorch-fid: ToTensor (/255), bilinear resize to 299, then 2x - 1; NCHW."""
+  x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 255.0
+  if x.shape[1] == 1:
+    x = x.repeat(1, 3, 1, 1)
+  x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+  return 2 * x - 1
+
+
+def _assert_close(actual, expected, tol=1e-4):
+  # Relative to the output's scale: the random network's features are O(1..10).
+  scale = max(1.0, float(np.abs(expected).max()))
+  err = float(np.abs(np.asarray(actual, np.float64) - expected).max())
+  assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def test_network_matches_torch_fidelity_forward(peer, converted):
+  module, params = converted
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
+  with torch.no_grad():
+    want_pool3, want_logits = peer(torch.from_numpy(images).permute(0, 3, 1, 2))
+  # torch-fidelity scales by (x - 128) / 128 and a 299 -> 299 resize is the
+  # identity, so this feeds both networks the same input.
+  x = (jnp.asarray(images, jnp.float32) - 128.0) / 128.0
+  got = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, x)
+  assert np.abs(want_pool3.numpy()).max() > 0.1  # The comparison is not of zeros.
+  _assert_close(got["pool3"], want_pool3.numpy())
+  _assert_close(got["logits"], want_logits.numpy())
+
+
+def test_inception_features_matches_pytorch_fid_pipeline(peer, converted):
+  """Greyscale 28x28 uint8 -> features, against F.interpolate + the peer's
+  layers; 3 images in chunks of 2 and 1, on 8 devices (one padded batch)."""
+  module, params = converted
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+  got = metrics.inception_features(module, params, iter([images[:2], images[2:]]),
+                                   batch_size=2)
+  want_pool3, want_logits = _peer_on_float_input(peer, _pytorch_fid_preprocess(images))
+  assert got["pool3"].shape == (3, 2048) and got["logits"].shape == (3, 1008)
+  assert got["pool3"].dtype == np.float32
+  _assert_close(got["pool3"], want_pool3)
+  _assert_close(got["logits"], want_logits)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (32, 32, 3), (24, 40, 1), (320, 301, 3), (299, 299, 3)])
+def test_preprocess_matches_torch_bilinear_interpolate(shape):
+  images = np.random.default_rng(3).integers(0, 256, (2,) + shape, dtype=np.uint8)
+  got = np.asarray(jax.jit(features_lib.preprocess)(images))
+  want = _pytorch_fid_preprocess(images).permute(0, 2, 3, 1).numpy()
+  assert got.shape == (2, 299, 299, 3)
+  # Only the order of float32 additions differs; a wrong pixel-centre
+  # convention would be off by a tenth of the range.
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("in_size", [8, 32, 64, 256, 301, 320])
+def test_resize_weights_equal_torch_bit_for_bit(in_size):
+  # Column j of torch's resize of the j-th unit signal is row j of R^T.
+  unit = torch.eye(in_size)[:, None, None, :].expand(in_size, 1, 2, in_size).contiguous()
+  torch_r = F.interpolate(unit, size=(2, 299), mode="bilinear", align_corners=False)
+  np.testing.assert_array_equal(features_lib.bilinear_resize_matrix(in_size, 299),
+                                torch_r[:, 0, 0, :].T.numpy())
+
+
+def test_rebatch_keeps_order_and_pads():
+  chunks = [np.full((n, 2, 2, 1), i, np.uint8) for i, n in enumerate([3, 5, 2])]
+  batches = list(features_lib._rebatch(iter(chunks), 4))  # pylint: disable=protected-access
+  assert [n for _, n in batches] == [4, 4, 2]
+  flat = np.concatenate([b for b, _ in batches])[:, 0, 0, 0]
+  np.testing.assert_array_equal(flat, [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 0, 0])
+
+
+def test_inception_features_rejects_bad_images(converted):
+  module, params = converted
+  with pytest.raises(TypeError, match="uint8"):
+    metrics.inception_features(module, params, np.zeros((2, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match="C = 1 or 3"):
+    metrics.inception_features(module, params, np.zeros((2, 8, 8, 4), np.uint8))
+  with pytest.raises(ValueError, match="batch_size"):
+    metrics.inception_features(module, params, np.zeros((2, 8, 8, 3), np.uint8), batch_size=0)
+
+
+# --------------------------------------------------------------------------
+# Weights files.
+# --------------------------------------------------------------------------
+
+
+def test_missing_weights_error_says_where_to_get_them(monkeypatch, tmp_path):
+  monkeypatch.delenv(metrics.WEIGHTS_ENV_VAR, raising=False)
+  with pytest.raises(FileNotFoundError) as e:
+    metrics.load_inception()
+  msg = str(e.value)
+  assert metrics.WEIGHTS_URL in msg and metrics.WEIGHTS_ENV_VAR in msg
+  assert "pt_inception-2015-12-05-6726825d.pth" in msg
+  missing = str(tmp_path / "nope.pth")
+  monkeypatch.setenv(metrics.WEIGHTS_ENV_VAR, missing)
+  with pytest.raises(FileNotFoundError, match="does not exist") as e:
+    metrics.load_inception()
+  assert missing in str(e.value) and metrics.WEIGHTS_URL in str(e.value)
+
+
+def test_wrong_weights_file_is_refused(tmp_path):
+  path = str(tmp_path / "other.npz")
+  np.savez(path, **{"conv1.weight": np.zeros((4, 3, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match="not the FID Inception-v3 weights") as e:
+    metrics.load_inception(path)
+  assert "missing: " in str(e.value) and "unexpected: conv1.weight" in str(e.value)
+
+
+def test_convert_cli_then_load_npz_and_pth_agree(peer, converted, tmp_path, monkeypatch):
+  _, params = converted
+  pth = str(tmp_path / "weights.pth")
+  torch.save(peer.state_dict(), pth)
+  npz = str(tmp_path / "weights.npz")
+  assert inception_lib.main(["--convert", pth, "--out", npz]) == 0
+  assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # No temp file left.
+  monkeypatch.setenv(metrics.WEIGHTS_ENV_VAR, npz)
+  _, from_npz = metrics.load_inception()
+  _, from_pth = metrics.load_inception(pth)
+  want = jax.tree_util.tree_leaves_with_path(params)
+  for tree in (from_npz, from_pth):
+    got = dict(jax.tree_util.tree_leaves_with_path(tree))
+    assert len(got) == len(want) == 472
+    for path, leaf in want:
+      np.testing.assert_array_equal(np.asarray(got[path]), leaf)
+  # A non-weights input is refused and leaves no output behind.
+  bad = str(tmp_path / "bad.pth")
+  torch.save({"x.weight": torch.zeros(2)}, bad)
+  out = str(tmp_path / "bad.npz")
+  assert inception_lib.main(["--convert", bad, "--out", out]) == 1
+  assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------
+# FID.
+# --------------------------------------------------------------------------
+
+
+def _trace_sqrt_product(s1, s2):
+  """tr((s1 s2)^(1/2)) via the symmetric s1^(1/2) s2 s1^(1/2) (no sqrtm)."""
+  w, v = np.linalg.eigh(s1)
+  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  return np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)))
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+  feats = np.random.default_rng(4).normal(size=(500, 64)) @ np.diag(np.linspace(0.1, 3, 64))
+  mu, sigma = metrics.stats_from_features(feats)
+  assert abs(metrics.fid_from_stats(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_matches_independent_float64_reference():
+  rng = np.random.default_rng(5)
+  a = rng.normal(size=(400, 32))
+  b = rng.normal(size=(300, 32)) @ rng.normal(size=(32, 32)) * 0.3 + 0.5
+  mu1, s1 = metrics.stats_from_features(a)
+  mu2, s2 = metrics.stats_from_features(b)
+  np.testing.assert_allclose(mu1, a.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(s1, (a - a.mean(0)).T @ (a - a.mean(0)) / (len(a) - 1), rtol=1e-10)
+  want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+          - 2 * _trace_sqrt_product(s1, s2))
+  got = metrics.fid_from_stats(mu1, s1, mu2, s2)
+  assert want > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_fid_of_diagonal_gaussians_matches_closed_form():
+  rng = np.random.default_rng(6)
+  mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+  v1, v2 = rng.uniform(0.1, 4, 16), rng.uniform(0.1, 4, 16)
+  want = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
+  got = metrics.fid_from_stats(mu1, np.diag(v1), mu2, np.diag(v2))
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_fid_with_singular_covariances_is_finite():
+  # Fewer samples than dimensions: rank-deficient covariances, as with a
+  # few hundred samples of 2048-d pool3 features.
+  rng = np.random.default_rng(7)
+  mu1, s1 = metrics.stats_from_features(rng.normal(size=(20, 40)))
+  mu2, s2 = metrics.stats_from_features(rng.normal(size=(20, 40)) + 1)
+  got = metrics.fid_from_stats(mu1, s1, mu2, s2)
+  want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+          - 2 * _trace_sqrt_product(s1, s2))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_fid_rejects_mismatched_stats():
+  with pytest.raises(ValueError, match="do not match"):
+    metrics.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+  with pytest.raises(ValueError, match="N >= 2"):
+    metrics.stats_from_features(np.zeros((1, 3)))
+
+
+# --------------------------------------------------------------------------
+# Inception Score.
+# --------------------------------------------------------------------------
+
+
+def test_inception_score_closed_forms():
+  mean, std = metrics.inception_score(np.zeros((50, 1008)), splits=5)
+  assert abs(mean - 1.0) < 1e-12 and std < 1e-12
+  # Confident predictions, every class equally often in every split: IS = K.
+  k = 10
+  logits = 200.0 * np.eye(k)[np.arange(100) % k]
+  mean, std = metrics.inception_score(logits, splits=10)
+  np.testing.assert_allclose(mean, k, rtol=1e-9)
+  assert std < 1e-9
+
+
+def test_inception_score_matches_scipy_reference():
+  logits = np.random.default_rng(8).normal(size=(90, 20)) * 3
+  splits = 3
+  scores = []
+  for part in np.array_split(logits, splits):  # 90 / 3: the same contiguous parts.
+    p = special.softmax(part, axis=1)
+    kl = special.rel_entr(p, p.mean(0, keepdims=True)).sum(1)
+    scores.append(np.exp(kl.mean()))
+  mean, std = metrics.inception_score(logits, splits=splits)
+  np.testing.assert_allclose([mean, std], [np.mean(scores), np.std(scores)], rtol=1e-10)
+  assert 1 < mean < 20
+
+
+# --------------------------------------------------------------------------
+# KID.
+# --------------------------------------------------------------------------
+
+
+def _mmd2_loops(x, y):
+  """Unbiased polynomial-kernel MMD^2 by explicit sums over pairs."""
+  m, d = x.shape
+  k = lambda a, b: (np.dot(a, b) / d + 1) ** 3
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+  xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+  return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / m**2
+
+
+def test_kid_matches_independent_numpy():
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(30, 5))
+  y = rng.normal(size=(30, 5)) * 1.5 + 0.3
+  want = _mmd2_loops(x, y)
+  # A subset of the whole set is a permutation, to which MMD is invariant.
+  mean, std = metrics.kernel_inception_distance(x, y, subset_size=30, num_subsets=3, rng=1)
+  np.testing.assert_allclose(mean, want, rtol=1e-10)
+  assert std < 1e-12 and want > 0.1
+
+
+def test_kid_near_zero_for_the_same_distribution():
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(400, 16))
+  same = rng.normal(size=(400, 16))
+  shifted = rng.normal(size=(400, 16)) + 0.5
+  kid_same, _ = metrics.kernel_inception_distance(x, same, subset_size=150, num_subsets=15, rng=0)
+  kid_self, _ = metrics.kernel_inception_distance(x, x, subset_size=150, num_subsets=15, rng=0)
+  kid_far, _ = metrics.kernel_inception_distance(x, shifted, subset_size=150, num_subsets=15, rng=0)
+  assert kid_far > 0.05
+  assert abs(kid_same) < 0.05 * kid_far and abs(kid_self) < 0.05 * kid_far
+  again = metrics.kernel_inception_distance(x, shifted, subset_size=150, num_subsets=15, rng=0)
+  assert again[0] == kid_far  # Same seed, same subsets.
+
+
+def test_kid_rejects_too_large_subsets():
+  with pytest.raises(ValueError, match="subset_size=1000"):
+    metrics.kernel_inception_distance(np.zeros((500, 4)), np.zeros((800, 4)))
+
+
+# --------------------------------------------------------------------------
+# Reference statistics cache.
+# --------------------------------------------------------------------------
+
+
+def test_reference_stats_computed_once_then_cached(tmp_path):
+  feats = np.random.default_rng(11).normal(size=(50, 6)).astype(np.float32)
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return feats
+
+  cache = str(tmp_path / "cache")
+  first = metrics.reference_stats("digits-train-8", compute, cache)
+  second = metrics.reference_stats("digits-train-8", compute, cache)
+  assert len(calls) == 1
+  np.testing.assert_allclose(second["mu"], feats.astype(np.float64).mean(0), rtol=1e-12)
+  np.testing.assert_allclose(second["sigma"], np.cov(feats.astype(np.float64), rowvar=False),
+                             rtol=1e-12)
+  np.testing.assert_array_equal(first["sigma"], second["sigma"])
+  assert int(second["num_examples"]) == 50 and "features" not in second
+  # Features asked for, or another fingerprint: recomputed.
+  with_feats = metrics.reference_stats("digits-train-8", compute, cache, keep_features=True)
+  assert len(calls) == 2
+  np.testing.assert_array_equal(with_feats["features"], feats)
+  metrics.reference_stats("digits-train-8", compute, cache, keep_features=True)
+  assert len(calls) == 2
+  metrics.reference_stats("digits-train-8", compute, cache, fingerprint="other")
+  assert len(calls) == 3
+  assert sorted(os.listdir(cache)) == ["digits-train-8.npz"]
+
+
+def test_reference_stats_failure_leaves_no_file(tmp_path):
+  cache = str(tmp_path)
+
+  def broken():
+    raise RuntimeError("data missing")
+
+  with pytest.raises(RuntimeError):
+    metrics.reference_stats("x", broken, cache)
+  assert os.listdir(cache) == []
+  # Unsafe names map to distinct, safe file names.
+  a = stats_cache.cache_path("folder:/a/b", cache)
+  b = stats_cache.cache_path("folder:/a_b", cache)
+  assert a != b and os.path.dirname(a) == cache and ":" not in os.path.basename(a)
