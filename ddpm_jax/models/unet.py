@@ -1,0 +1,188 @@
+"""The DDPM U-Net (Ho et al. 2020), exactly, in Flax Linen.
+
+With ``ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)``
+on 32x32x3 images it has the paper's 35,746,307 parameters; with
+``ch_mult=(1, 1, 2, 2, 4, 4)`` on 256x256x3 images, 113,673,219.
+
+Extensions over the paper, all off by default: class conditioning (an
+embedding of ``num_classes + 1`` ids added to the timestep embedding, the last
+id meaning "no class" for classifier-free guidance), a compute ``dtype`` such
+as bfloat16 with float32 parameters, and rematerialisation of ResNet blocks.
+"""
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddpm_jax.models import layers
+
+Dtype = Any
+
+# Compute dtypes a config may name.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+def validate_hparams(*, image_size: int, in_ch: int, ch: int, out_ch: int,
+                     ch_mult: Sequence[int], num_res_blocks: int,
+                     attn_resolutions: Sequence[int], dropout: float,
+                     num_classes: int) -> None:
+  """Raises ValueError, naming the key, for a U-Net this code cannot build."""
+  ch_mult = tuple(ch_mult)
+  if not ch_mult or any(int(m) != m or m < 1 for m in ch_mult):
+    raise ValueError(
+        f"model.ch_mult must be a non-empty sequence of positive ints, got "
+        f"{ch_mult}")
+  if ch < 1 or ch % layers.NUM_GROUPS:
+    raise ValueError(
+        f"model.ch={ch} must be a positive multiple of {layers.NUM_GROUPS} "
+        f"(GroupNorm uses {layers.NUM_GROUPS} groups), e.g. 64, 128")
+  if ch < 4:
+    raise ValueError(f"model.ch={ch} is too small for a timestep embedding")
+  if in_ch < 1 or out_ch < 1:
+    raise ValueError(
+        f"channels must be positive: data.channels={in_ch}, out_ch={out_ch}")
+  if num_res_blocks < 1:
+    raise ValueError(f"model.num_res_blocks must be >= 1, got {num_res_blocks}")
+  factor = 2 ** (len(ch_mult) - 1)
+  if image_size < factor or image_size % factor:
+    raise ValueError(
+        f"data.image_size={image_size} must be divisible by "
+        f"2**(len(model.ch_mult) - 1) = {factor} (model.ch_mult={ch_mult} "
+        f"halves the resolution {len(ch_mult) - 1} times)")
+  resolutions = [image_size // 2 ** i for i in range(len(ch_mult))]
+  bad = [r for r in attn_resolutions if r not in resolutions]
+  if bad:
+    raise ValueError(
+        f"model.attn_resolutions={tuple(attn_resolutions)}: resolution(s) "
+        f"{bad} never occur; with data.image_size={image_size} and "
+        f"model.ch_mult={ch_mult} the resolutions are {resolutions}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+  if num_classes < 0:
+    raise ValueError(
+        f"model.num_classes must be >= 0 (0 = unconditional), got "
+        f"{num_classes}")
+
+
+class UNet(nn.Module):
+  """The DDPM noise-prediction network.
+
+  Attributes:
+    ch: base channel count (a multiple of 32).
+    out_ch: output channels (C, or 2C when the variance is learned).
+    ch_mult: channel multiplier per resolution level; level i runs at
+      ``H / 2**i``.
+    num_res_blocks: ResNet blocks per level on the down path (one more on the
+      up path).
+    attn_resolutions: resolutions (feature-map heights) that get attention.
+    dropout: dropout rate inside ResNet blocks, active only with train=True.
+    resamp_with_conv: stride-2 conv / upsample+conv (True) or avg-pool /
+      plain nearest upsampling (False).
+    num_classes: 0 for unconditional; N > 0 adds an embedding of N + 1 ids,
+      id N meaning "no class".
+    dtype: compute dtype; parameters are float32, the output float32.
+    remat: rematerialise ResNet blocks in the backward pass to save memory.
+  """
+  ch: int = 128
+  out_ch: int = 3
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  resamp_with_conv: bool = True
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    """Predicts the network output (e.g. the noise) for noisy images.
+
+    Args:
+      x: float ``[B, H, W, C]`` noisy images, nominally in [-1, 1]; H and W
+        divisible by ``2**(len(ch_mult) - 1)``.
+      t: ``[B]`` timesteps (0-based; int32, or float for respaced samplers),
+        or a scalar applied to the whole batch.
+      y: int32 ``[B]`` class ids in ``[0, num_classes]`` (``num_classes`` =
+        "no class"), or None (= "no class" for all). Must be None when
+        ``num_classes == 0``.
+      train: enables dropout (needs ``rngs={'dropout': key}`` in apply).
+
+    Returns:
+      float32 ``[B, H, W, out_ch]``.
+    """
+    b, height, width, _ = x.shape
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(
+          f"image size {height}x{width} must be divisible by {factor} for "
+          f"ch_mult={tuple(self.ch_mult)}")
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+      t = jnp.broadcast_to(t, (b,))
+    if t.shape != (b,):
+      raise ValueError(f"t must have shape [B]=({b},) or be a scalar, got "
+                       f"{t.shape}")
+    resblock = (nn.remat(layers.ResnetBlock, static_argnums=(3,))
+                if self.remat else layers.ResnetBlock)
+
+    # Timestep (and class) embedding, [B, 4ch].
+    temb = layers.timestep_embedding(t, self.ch)
+    temb = nn.Dense(4 * self.ch, dtype=self.dtype, name="time_dense_0")(temb)
+    temb = nn.Dense(4 * self.ch, dtype=self.dtype, name="time_dense_1")(
+        nn.swish(temb))
+    if self.num_classes > 0:
+      if y is None:
+        y = jnp.full((b,), self.num_classes, jnp.int32)
+      y = jnp.asarray(y)
+      if y.shape != (b,):
+        raise ValueError(f"y must have shape [B]=({b},), got {y.shape}")
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch,
+                             dtype=self.dtype, name="class_embed")(y)
+    elif y is not None:
+      raise ValueError(
+          "y (class labels) was given but the model is unconditional "
+          "(model.num_classes=0); pass y=None or set model.num_classes")
+
+    # Down path; hs holds every activation the up path concatenates back.
+    h = layers.conv3x3(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))
+    hs = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = resblock(self.ch * mult, self.dropout, self.dtype,
+                     name=f"down_{level}_block_{i}")(h, temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = layers.AttnBlock(self.dtype, name=f"down_{level}_attn_{i}")(h)
+        hs.append(h)
+      if level != len(self.ch_mult) - 1:
+        h = layers.Downsample(self.resamp_with_conv, self.dtype,
+                              name=f"down_{level}_downsample")(h)
+        hs.append(h)
+
+    # Middle.
+    h = resblock(h.shape[-1], self.dropout, self.dtype,
+                 name="mid_block_0")(h, temb, train)
+    h = layers.AttnBlock(self.dtype, name="mid_attn")(h)
+    h = resblock(h.shape[-1], self.dropout, self.dtype,
+                 name="mid_block_1")(h, temb, train)
+
+    # Up path.
+    for level in reversed(range(len(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = resblock(self.ch * self.ch_mult[level], self.dropout, self.dtype,
+                     name=f"up_{level}_block_{i}")(h, temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = layers.AttnBlock(self.dtype, name=f"up_{level}_attn_{i}")(h)
+      if level != 0:
+        h = layers.Upsample(self.resamp_with_conv, self.dtype,
+                            name=f"up_{level}_upsample")(h)
+    assert not hs, "every skip connection must be consumed"
+
+    h = nn.swish(layers.group_norm(self.dtype, "norm_out")(h))
+    # Zero init: the fresh network predicts exactly 0.
+    h = layers.conv3x3(self.out_ch, self.dtype, "conv_out", zero_init=True)(h)
+    return h.astype(jnp.float32)
