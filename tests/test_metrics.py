@@ -113,11 +113,11 @@ def _pytorch_fid_preprocess(images_uint8):
   return 2 * x - 1
 
 
-def _assert_close(actual, expected, tol=1e-4):
-  # Relative to the output's scale: the random network's features are O(1..10).
-  scale = max(1.0, float(np.abs(expected).max()))
+def _assert_close(actual, expected, atol=1e-4):
+  """Absolute 1e-4 on features of size O(1..10) (the float32 paths differ by
+  about 6e-6); leaving out one of the FID graph's quirks costs 0.5 or more."""
   err = float(np.abs(np.asarray(actual, np.float64) - expected).max())
-  assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
+  assert err <= atol, f"max abs error {err:.3g} > {atol}"
 
 
 def test_network_matches_torch_fidelity_forward(peer, converted):
