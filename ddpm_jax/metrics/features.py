@@ -136,17 +136,16 @@ def inception_features(
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  devices = jax.local_devices()
-  batch_size = math.ceil(batch_size / len(devices)) * len(devices)
-  mesh = Mesh(np.array(devices), ("batch",))
-  data_sharding = NamedSharding(mesh, P("batch"))
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-
   total = None
   if isinstance(images, np.ndarray):
     _check_images(images)
     total = len(images)
     images = [images]
+  devices = jax.local_devices()
+  batch_size = math.ceil(batch_size / len(devices)) * len(devices)
+  mesh = Mesh(np.array(devices), ("batch",))
+  data_sharding = NamedSharding(mesh, P("batch"))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
   outputs = {"pool3": [], "logits": []}
 
   def fetch(pending):
