@@ -1,0 +1,209 @@
+"""`python -m ddpm_jax.train` end to end: data paths, errors, SIGTERM, multi-host."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import digits
+from ddpm_jax import checkpointing
+from ddpm_jax import models
+from ddpm_jax import train_state as ts
+from ddpm_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices=8):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+  return env
+
+
+def _cli(args, timeout=600, **kwargs):
+  return subprocess.run([sys.executable, "-m", "ddpm_jax.train", *args], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _tree_files(path):
+  return {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+          for dp, _, fs in os.walk(path) for f in fs}
+
+
+# ---------------------------------------------------------------------------
+# Bad input: exit 1, a one-line reason, nothing touched.
+
+
+def test_unknown_config_key_exits_1(tmp_path):
+  r = _cli(["--config", "configs/digits.py:test", "--workdir", str(tmp_path / "w"),
+            "--config.training.no_such_key=3"])
+  assert r.returncode == 1
+  assert "unknown config key" in r.stderr and "no_such_key" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("dataset,match", [("no_such_dataset_xyz", "no_such_dataset_xyz"),
+                                           ("folder:{empty}", "image")])
+def test_bad_dataset_exits_1_without_touching_the_run(tmp_path, dataset, match):
+  # An existing run must survive the failed start untouched.
+  workdir = tmp_path / "run"
+  config = digits.get_config("test")
+  params = ts.create_train_state(config, jax.random.PRNGKey(0),
+                                 models.create_model(config)).params
+  checkpointing.save_pretrained(str(workdir), config, params)
+  before = _tree_files(workdir)
+  (tmp_path / "empty").mkdir()
+  r = _cli(["--config", "configs/digits.py:test", "--workdir", str(workdir),
+            f"--config.data.dataset={dataset.format(empty=tmp_path / 'empty')}"])
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "error:" in r.stderr and match in r.stderr.lower()
+  assert "Traceback" not in r.stderr
+  assert _tree_files(workdir) == before
+
+
+def test_other_model_shape_exits_1_untouched(tmp_path):
+  workdir = tmp_path / "run"
+  config = digits.get_config("test")
+  params = ts.create_train_state(config, jax.random.PRNGKey(0),
+                                 models.create_model(config)).params
+  checkpointing.save_pretrained(str(workdir), config, params)
+  before = _tree_files(workdir)
+  r = _cli(["--config", "configs/digits.py:test", "--workdir", str(workdir),
+            "--config.model.ch=64"])
+  assert r.returncode == 1
+  assert "different shape" in r.stderr and "Traceback" not in r.stderr
+  assert _tree_files(workdir) == before
+
+
+# ---------------------------------------------------------------------------
+# Data paths through the real input pipeline (a tiny net keeps compiles short).
+
+
+def _tiny_run(config, workdir):
+  from test_train_loop import TinyNet  # pylint: disable=g-import-not-at-top
+  config.training.num_train_steps = 2
+  config.training.log_every_steps = 1
+  config.training.checkpoint_every_steps = 2
+  config.training.sample_every_steps = 0
+  config.training.batch_size = 8
+  state = trainer.train_and_evaluate(config, str(workdir), model=TinyNet())
+  assert int(state.step) == 2
+  assert checkpointing.existing_steps(str(workdir)) == [2]
+  assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 2
+  return state
+
+
+def test_tfds_mock_data_trains(tmp_path):
+  config = digits.get_config("test")
+  config.data.dataset, config.data.image_size, config.data.channels = "cifar10", 32, 3
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    _tiny_run(config, tmp_path)
+
+
+def test_image_folder_trains(tmp_path):
+  rs = np.random.RandomState(0)
+  for i in range(10):
+    Image.fromarray(rs.randint(0, 256, (20, 24, 3), np.uint8)).save(tmp_path / f"{i}.png")
+  config = digits.get_config("test")
+  config.data.dataset, config.data.channels, config.data.num_classes = (
+      f"folder:{tmp_path}", 3, 0)
+  _tiny_run(config, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------
+# The real CLI with the U-Net (slow: a few U-Net compiles on 2 cores).
+
+
+@pytest.mark.slow
+def test_digits_cli_trains_samples_and_stops_on_sigterm(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/digits.py:test",
+       "--workdir", str(workdir), "--config.training.num_train_steps=100000",
+       "--config.training.log_every_steps=2", "--config.training.checkpoint_every_steps=1000"],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 400
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, "no progress"
+    time.sleep(1)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  steps = checkpointing.existing_steps(str(workdir))
+  assert len(steps) == 1 and steps[0] >= 4 and steps[0] < 1000  # saved at SIGTERM
+  # Resume to a few steps more, with a sample grid at the end.
+  end = steps[0] + 2
+  r = _cli(["--config", "configs/digits.py:test", "--workdir", str(workdir),
+            f"--config.training.num_train_steps={end}",
+            f"--config.training.sample_every_steps={end}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert checkpointing.existing_steps(str(workdir))[-1] == end
+  grid = np.asarray(Image.open(workdir / "samples" / f"step_{end}.png"))
+  assert grid.ndim == 2 and grid.std() > 0
+
+
+_MULTIHOST_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from ddpm_jax import parallel
+    parallel.initialize_distributed()
+    import jax
+    from configs import digits
+    from ddpm_jax import trainer
+    from test_train_loop import TinyNet, _config
+    from test_train_cli import global_batches
+    out, = sys.argv[1:]
+    n, i = jax.process_count(), jax.process_index()
+    local = ({k: np.split(v, n)[i] for k, v in b.items()} for b in global_batches())
+    state = trainer.train_and_evaluate(_config(3), out + "/run", model=TinyNet(),
+                                       data_iterator=local)
+    params = jax.tree.leaves(jax.device_get(state.params))
+    np.savez(f"{out}/params_{i}.npz", *params)
+""")
+
+
+def global_batches():
+  rs = np.random.RandomState(3)
+  while True:
+    yield {"image": rs.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
+           "label": rs.randint(0, 10, (16,)).astype(np.int32)}
+
+
+@pytest.mark.slow
+def test_two_processes_match_single_process(tmp_path):
+  """2 processes x 2 CPU devices (gloo) == 1 process x 8 devices, tol 1e-5."""
+  from test_train_loop import TinyNet, _config  # pylint: disable=g-import-not-at-top
+  script = tmp_path / "worker.py"
+  script.write_text(_MULTIHOST_SCRIPT)
+  port = 20000 + os.getpid() % 20000
+  procs = []
+  for i in range(2):
+    env = _env(devices=2)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  for p in procs:
+    out, _ = p.communicate(timeout=500)
+    assert p.returncode == 0, out[-3000:]
+  ref = trainer.train_and_evaluate(_config(3), str(tmp_path / "single"), model=TinyNet(),
+                                   data_iterator=global_batches())
+  ref_leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(ref.params))]
+  got = [np.load(tmp_path / f"params_{i}.npz") for i in range(2)]
+  for j, r in enumerate(ref_leaves):
+    np.testing.assert_array_equal(got[0][f"arr_{j}"], got[1][f"arr_{j}"])
+    np.testing.assert_allclose(got[0][f"arr_{j}"], r, atol=1e-5)
+  assert checkpointing.existing_steps(str(tmp_path / "run")) == [2, 3]
