@@ -11,3 +11,17 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory):
+  """A run directory holding the tiny digits model with random weights (step 0)."""
+  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from tiny_models import random_params, tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("pretrained_run"))
+  config = tiny_config()
+  checkpointing.save_pretrained(workdir, config, random_params(config))
+  return workdir

@@ -9,41 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import digits
 from ddpm_jax import checkpointing
 from ddpm_jax import generation
 from ddpm_jax import image_grid
 from ddpm_jax import models
 from ddpm_jax import sampling
+from tiny_models import random_params, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(num_classes=0):
-  config = digits.get_config("test")
-  config.diffusion.num_timesteps = 20
-  config.model.num_classes = num_classes
-  return config
-
-
-def random_params(config, seed=0):
-  """Initialised params, perturbed so the zero-initialised head is not zero."""
-  model = models.create_model(config)
-  x = jnp.zeros((1, 8, 8, 1))
-  params = model.init(jax.random.key(seed), x, jnp.zeros((1,), jnp.int32),
-                      None)["params"]
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny_config()
-  checkpointing.save_pretrained(workdir, config, random_params(config))
-  return workdir
 
 
 def run_cli(*args, devices=2):
@@ -77,8 +50,8 @@ def assert_images_close(a, b):
   assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
-def test_generate_matches_the_sampler_and_ignores_batching(run_dir):
-  config, params, _ = checkpointing.load_params(run_dir)
+def test_generate_matches_the_sampler_and_ignores_batching(pretrained_run):
+  config, params, _ = checkpointing.load_params(pretrained_run)
   ref = reference_samples(config, params, seed=3, n=10)
   a = generation.generate(config, params, num_samples=10, batch_size=8, seed=3,
                           progress=False)["samples"]
@@ -90,15 +63,15 @@ def test_generate_matches_the_sampler_and_ignores_batching(run_dir):
   assert len({s.tobytes() for s in a}) == 10  # every sample differs
 
 
-def test_cli_writes_samples_and_grid(run_dir, tmp_path):
+def test_cli_writes_samples_and_grid(pretrained_run, tmp_path):
   out = str(tmp_path / "s.npz")
-  r = run_cli("--workdir", run_dir, "--num_samples", "6", "--batch_size", "4",
+  r = run_cli("--workdir", pretrained_run, "--num_samples", "6", "--batch_size", "4",
               "--sampler", "ddim", "--steps", "ddim5", "--seed", "3",
               "--out", out)
   assert r.returncode == 0, r.stderr
   assert "images/s" in r.stdout
   samples = np.load(out)["samples"]
-  config, params, _ = checkpointing.load_params(run_dir)
+  config, params, _ = checkpointing.load_params(pretrained_run)
   # 1 process with 2 devices and batches of 4 vs the plain API on 8 devices.
   assert_images_close(samples, reference_samples(
       config, params, seed=3, n=6, steps="ddim5", sampler="ddim"))
@@ -124,24 +97,24 @@ def test_class_conditional_samples_carry_labels(tmp_path):
                         labels=np.array([1, 10]), progress=False)
 
 
-def test_cli_errors_exit_1_before_sampling_and_keep_old_output(run_dir, tmp_path):
+def test_cli_errors_exit_1_before_sampling_and_keep_old_output(pretrained_run, tmp_path):
   empty = str(tmp_path / "empty")
   os.makedirs(empty)
   r = run_cli("--workdir", empty)
   assert r.returncode == 1 and "not a run directory" in r.stderr
-  r = run_cli("--workdir", run_dir, "--step", "7")
+  r = run_cli("--workdir", pretrained_run, "--step", "7")
   assert r.returncode == 1 and "Step 7 does not exist" in r.stderr
   assert "[0]" in r.stderr  # names the steps that exist
-  r = run_cli("--workdir", run_dir, "--steps", "50")
+  r = run_cli("--workdir", pretrained_run, "--steps", "50")
   assert r.returncode == 1 and "only T=20" in r.stderr
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  r = run_cli("--workdir", run_dir, "--out", str(blocker / "s.npz"))
+  r = run_cli("--workdir", pretrained_run, "--out", str(blocker / "s.npz"))
   assert r.returncode == 1 and "Cannot write" in r.stderr
   # An existing output survives a failed run untouched.
   out = tmp_path / "keep.npz"
   out.write_bytes(b"old")
-  r = run_cli("--workdir", run_dir, "--out", str(out), "--eta", "-1",
+  r = run_cli("--workdir", pretrained_run, "--out", str(out), "--eta", "-1",
               "--sampler", "ddim")
   assert r.returncode == 1 and "eta" in r.stderr
   assert out.read_bytes() == b"old"
