@@ -130,7 +130,10 @@ def _load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
       raise ConversionError(
           f"{model_dir} holds only {BIN_FILE}, which needs torch to read; "
           f"install torch, or download {SAFETENSORS_FILE} instead") from None
-    state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    try:
+      state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(f"cannot read {bin_path}: {e}") from None
     return {k: v.float().numpy() for k, v in state.items()}
   raise ConversionError(
       f"{model_dir} has neither {SAFETENSORS_FILE} nor {BIN_FILE}")

@@ -331,3 +331,16 @@ def test_torch_bin_weights_give_the_same_params(small, tmp_path):
   params_bin, _ = convert.from_diffusers(str(tmp_path))
   params_st, _ = convert.from_diffusers(directory)
   jax.tree.map(np.testing.assert_array_equal, params_st, params_bin)
+
+
+def test_learned_variance_model(tmp_path):
+  unet = make_unet(dict(SMALL_CONFIG, out_channels=6), seed=2)
+  directory = save_unet(unet, str(tmp_path), scheduler={
+      "_class_name": "DDPMScheduler", "variance_type": "learned_range"})
+  params, config = convert.from_diffusers(directory)
+  assert config.diffusion.model_var_type == "learned_range"
+  assert models.create_model(config).out_ch == 6
+  x = random_batch(16, 1, seed=4)
+  t = np.array([250], np.int32)
+  np.testing.assert_allclose(our_output(params, config, x, t),
+                             diffusers_output(unet, x, t), atol=1e-4, rtol=0)
