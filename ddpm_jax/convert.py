@@ -25,8 +25,6 @@ from typing import Any, Mapping, Optional
 import ml_collections
 import numpy as np
 
-from configs import default as default_config
-
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"
 BIN_FILE = "diffusion_pytorch_model.bin"
@@ -143,6 +141,16 @@ def _load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
 # Config translation
 
 
+def _default_config() -> ml_collections.ConfigDict:
+  try:
+    from configs import default  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError(
+        "configs/default.py is not importable (run from the repository root, "
+        "or pass base_config / --config)") from None
+  return default.get_config()
+
+
 def _require(key: str, value: Any, allowed: Any, why: str = "") -> None:
   if value not in allowed:
     raise ConversionError(
@@ -246,7 +254,7 @@ def _diffusion_config(raw: Optional[Mapping[str, Any]],
                       learned_variance: bool) -> dict[str, Any]:
   """ddpm_jax diffusion fields from a scheduler config (None: our defaults)."""
   if raw is None:
-    d = default_config.get_config().diffusion
+    d = _default_config().diffusion
     return dict(num_timesteps=d.num_timesteps, beta_schedule=d.beta_schedule,
                 beta_start=d.beta_start, beta_end=d.beta_end,
                 model_mean_type=d.model_mean_type,
@@ -285,7 +293,7 @@ def _full_config(model: Mapping[str, Any], diffusion: Mapping[str, Any],
                  ) -> ml_collections.ConfigDict:
   """``base_config`` (or configs/default.py) with the source's model and schedule."""
   if base_config is None:
-    config = default_config.get_config()
+    config = _default_config()
     if model["image_size"] >= 128:
       # The paper's fine-tuning recipe for the 256x256 models.
       config.optim.lr = 2e-5

@@ -264,18 +264,23 @@ def test_any_batch_size_and_examples_are_independent():
 
 
 def test_remat_gives_same_values_and_gradients():
-  config = tiny_config()
+  # With dropout on: the recomputed forward must draw the same masks.
+  config = tiny_config(dropout=0.3)
   model, params = random_params(config)
   config.model.remat = True
   remat_model = models.create_model(config)
   x, t = random_inputs(config, 2)
 
-  def loss(m):
-    return lambda p: jnp.mean(m.apply({"params": p}, x, t, train=True) ** 2)
+  def loss(m, seed):
+    return lambda p: jnp.mean(m.apply(
+        {"params": p}, x, t, train=True,
+        rngs={"dropout": jax.random.key(seed)}) ** 2)
 
-  v1, g1 = jax.jit(jax.value_and_grad(loss(model)))(params)
-  v2, g2 = jax.jit(jax.value_and_grad(loss(remat_model)))(params)
+  v1, g1 = jax.jit(jax.value_and_grad(loss(model, 0)))(params)
+  v2, g2 = jax.jit(jax.value_and_grad(loss(remat_model, 0)))(params)
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  v3 = jax.jit(loss(remat_model, 1))(params)
+  assert abs(float(v3) - float(v1)) > 1e-4 * abs(float(v1))  # masks matter
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
