@@ -449,6 +449,18 @@ def from_diffusers(
       cannot represent (naming the key and value), or a parameter that is
       missing, extra or of the wrong shape (naming it).
   """
+  config = config_from_diffusers(path, base_config)
+  params = convert_state_dict(_load_state_dict(_model_dir(path)), config)
+  return params, config
+
+
+def config_from_diffusers(
+    path: str, base_config: Optional[ml_collections.ConfigDict] = None
+) -> ml_collections.ConfigDict:
+  """The ddpm_jax config of a diffusers directory, without reading weights.
+
+  Same arguments and config errors as ``from_diffusers``.
+  """
   model_dir = _model_dir(path)
   model = _model_config(_read_json(os.path.join(model_dir, CONFIG_FILE)))
   diffusion = _diffusion_config(_scheduler_config(model_dir),
@@ -459,8 +471,7 @@ def from_diffusers(
     models.create_model(config)  # the ddpm_jax-side validation
   except ValueError as e:
     raise ConversionError(f"{CONFIG_FILE} gives an invalid model: {e}") from None
-  params = convert_state_dict(_load_state_dict(model_dir), config)
-  return params, config
+  return config
 
 
 # ----------------------------------------------------------------------------

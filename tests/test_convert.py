@@ -344,3 +344,40 @@ def test_learned_variance_model(tmp_path):
   t = np.array([250], np.int32)
   np.testing.assert_allclose(our_output(params, config, x, t),
                              diffusers_output(unet, x, t), atol=1e-4, rtol=0)
+
+
+def test_published_256_config_is_the_paper_architecture(tmp_path):
+  # config.json and scheduler_config.json as published for google/ddpm-cat-256.
+  (tmp_path / convert.CONFIG_FILE).write_text(json.dumps({
+      "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4",
+      "act_fn": "silu", "attention_head_dim": None,
+      "block_out_channels": [128, 128, 256, 256, 512, 512],
+      "center_input_sample": False,
+      "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D",
+                           "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+      "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
+      "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
+      "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3,
+      "sample_size": 256, "time_embedding_type": "positional",
+      "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D",
+                         "UpBlock2D", "UpBlock2D", "UpBlock2D"]}))
+  (tmp_path / convert.SCHEDULER_FILE).write_text(json.dumps({
+      "_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1",
+      "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+      "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
+      "variance_type": "fixed_small"}))
+  config = convert.config_from_diffusers(str(tmp_path))
+  assert config.data.image_size == 256
+  assert tuple(config.model.ch_mult) == (1, 1, 2, 2, 4, 4)
+  assert tuple(config.model.attn_resolutions) == (16,)
+  assert config.model.ch == 128 and config.model.num_res_blocks == 2
+  d = config.diffusion
+  assert (d.num_timesteps, d.beta_schedule, d.beta_start, d.beta_end,
+          d.model_mean_type, d.model_var_type) == (
+              1000, "linear", 1e-4, 0.02, "eps", "fixedsmall")
+  assert config.optim.lr == 2e-5  # the 256x256 fine-tuning recipe
+  model = models.create_model(config)
+  shapes = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)},
+                         jnp.zeros((1, 256, 256, 3)), jnp.zeros((1,), jnp.int32)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == 113_673_219
