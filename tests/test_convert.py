@@ -381,3 +381,21 @@ def test_published_256_config_is_the_paper_architecture(tmp_path):
       lambda: model.init({"params": jax.random.key(0)},
                          jnp.zeros((1, 256, 256, 3)), jnp.zeros((1,), jnp.int32)))
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 113_673_219
+
+
+@pytest.mark.slow
+def test_256_model_matches_diffusers(tmp_path):
+  # The google/ddpm-church-256 (and celebahq/bedroom) configuration.
+  config = dict(
+      CIFAR10_CONFIG, sample_size=256,
+      block_out_channels=(128, 128, 256, 256, 512, 512),
+      down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D",
+                                               "DownBlock2D"),
+      up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)
+  unet = make_unet(config, seed=3)
+  assert sum(p.numel() for p in unet.parameters()) == 113_673_219
+  params, ours = convert.from_diffusers(save_unet(unet, str(tmp_path)))
+  x = random_batch(256, 1, seed=5)
+  t = np.array([611], np.int32)
+  np.testing.assert_allclose(our_output(params, ours, x, t),
+                             diffusers_output(unet, x, t), atol=1e-4, rtol=0)
