@@ -296,7 +296,9 @@ def p_mean_variance(d: GaussianDiffusion, model_output, x_t, t,
 
   Returns:
     dict with `mean`, `pred_xstart` (`[B, ..., C]`), and `variance`,
-    `log_variance` (`[B, ..., C]` when learned, else `[B, 1, ..., 1]`).
+    `log_variance` (`[B, ..., C]` when learned, else `[B, 1, ..., 1]`). For
+    fixedsmall, `variance` is 0 at t = 0 while `log_variance` is clipped to
+    the t = 1 value, as in the original code.
   """
   _check_t(d, t, x_t)
   n = x_t.ndim
@@ -313,7 +315,11 @@ def p_mean_variance(d: GaussianDiffusion, model_output, x_t, t,
     log_variance = extract(jnp.log(d.fixedlarge_variance), t, n)
   else:  # fixedsmall
     log_variance = extract(d.posterior_log_variance_clipped, t, n)
-  variance = jnp.exp(log_variance)
+  if d.model_var_type == "fixedsmall":
+    # The true posterior variance, 0 at t = 0 (only its log is clipped).
+    variance = extract(d.posterior_variance, t, n)
+  else:
+    variance = jnp.exp(log_variance)
 
   if d.model_mean_type == "eps":
     pred_xstart = predict_xstart_from_eps(d, x_t, t, mean_out)

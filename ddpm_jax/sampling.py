@@ -9,7 +9,7 @@ RNG: `rng` is one key for the whole batch, or a batch of keys (`[B]` typed
 keys or `[B, 2]` raw keys), one per example, so that an example's sample does
 not depend on the batch it was drawn in.
 """
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from ddpm_jax import diffusion as diff
 from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
 
 SAMPLERS = ("ancestral", "ddim")
+
+# cond_fn(x_t, t) -> gradient shaped like x_t (classifier guidance).
+CondFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _is_batched(rng) -> bool:
@@ -48,32 +51,48 @@ def _normal(rng, shape, dtype=jnp.float32):
 
 
 def p_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
-             clip_denoised: bool = True) -> dict:
+             clip_denoised: bool = True, cond_fn: Optional[CondFn] = None
+             ) -> dict:
   """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t).
 
   Args:
     x: `[B, ...]` float32; t: int32 `[B]`; rng: key(s) for the step's noise.
+    cond_fn: classifier guidance, `cond_fn(x_t, t) -> s * grad log p(y | x_t)`
+      (see `classifier_guidance`); shifts the mean by variance * cond_fn.
 
   Returns:
     dict with `sample` (no noise is added where t == 0) and `pred_xstart`.
   """
   out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
                              clip_denoised=clip_denoised)
+  mean = out["mean"]
+  if cond_fn is not None:
+    # Dhariwal & Nichol 2021, Algorithm 1: mu + s Sigma grad log p(y | x_t).
+    mean = mean + out["variance"] * diff.call_model(d, cond_fn, x, t)
   noise = _normal(rng, x.shape, x.dtype)
   nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
                          t, x.ndim)
-  sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+  sample = mean + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
   return dict(sample=sample, pred_xstart=out["pred_xstart"])
 
 
 def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
-                eta: float = 0.0, clip_denoised: bool = True) -> dict:
-  """One DDIM step (Song et al. 2021) x_t -> x_{t-1}; eta = 0 is deterministic."""
+                eta: float = 0.0, clip_denoised: bool = True,
+                cond_fn: Optional[CondFn] = None) -> dict:
+  """One DDIM step (Song et al. 2021) x_t -> x_{t-1}; eta = 0 is deterministic.
+
+  `cond_fn` (classifier guidance) shifts the score: eps -= sqrt(1 - abar) *
+  cond_fn(x_t, t), as in Dhariwal & Nichol 2021, Algorithm 2.
+  """
   out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
                              clip_denoised=clip_denoised)
   n = x.ndim
   # The eps implied by the (possibly clipped) x_0 keeps the step consistent.
   eps = diff.predict_eps_from_xstart(d, x, t, out["pred_xstart"])
+  if cond_fn is not None:
+    eps = eps - (diff.extract(d.sqrt_one_minus_alphas_cumprod, t, n) *
+                 diff.call_model(d, cond_fn, x, t))
+    out["pred_xstart"] = diff.predict_xstart_from_eps(d, x, t, eps)
   abar = diff.extract(d.alphas_cumprod, t, n)
   abar_prev = diff.extract(d.alphas_cumprod_prev, t, n)
   sigma = (eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) *
@@ -107,7 +126,8 @@ def ddim_reverse_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t,
 
 def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
                  t_end, *, sampler: str = "ancestral", eta: float = 0.0,
-                 clip_denoised: bool = True):
+                 clip_denoised: bool = True, cond_fn: Optional[CondFn] = None,
+                 known=None, known_mask=None, resample: int = 1):
   """Runs the reverse steps t = t_start - 1, ..., t_end: x_{t_start} -> x_{t_end}.
 
   A full chain is `t_start = T, t_end = 0` from x_T ~ N(0, I). `t_start` and
@@ -120,6 +140,17 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
     t_start, t_end: ints with 0 <= t_end <= t_start <= T.
     sampler: 'ancestral' or 'ddim'.
     eta: DDIM's noise scale (0: deterministic); ignored by 'ancestral'.
+    clip_denoised: clip the predicted x_0 to [-1, 1].
+    cond_fn: classifier guidance (see `classifier_guidance`).
+    known, known_mask: inpainting. `known` `[B, ...]` in [-1, 1] holds the
+      known pixels where `known_mask` (of x's rank, broadcastable to it; 1 = known, 0 =
+      to fill) is 1. After every step the known pixels are replaced by the
+      known image noised to the step's level, and at the end by the known
+      image itself (the "replacement" method).
+    resample: RePaint's resampling (Lugmayr et al. 2022) with jump length 1:
+      each step is done `resample` times, going back up by
+      q(x_t | x_{t-1}) in between, so the filled region harmonises with the
+      known one. Needs `known`.
 
   Returns:
     `[B, ...]` float32, the state at level t_end.
@@ -130,17 +161,93 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
   for name, value in (("t_start", t_start), ("t_end", t_end)):
     if isinstance(value, (int, np.integer)) and not 0 <= value <= d.num_timesteps:
       raise ValueError(f"{name}={value} out of range 0..{d.num_timesteps}.")
-  batch = x.shape[0]
+  if (known is None) != (known_mask is None):
+    raise ValueError("Inpainting needs both `known` and `known_mask`.")
+  if known is not None and jnp.shape(known) != x.shape:
+    raise ValueError(f"known has shape {jnp.shape(known)}, expected {x.shape}.")
+  if resample < 1 or (resample > 1 and known is None):
+    raise ValueError(f"resample={resample}: must be >= 1, and > 1 only with "
+                     "inpainting (`known`).")
+  batch, n = x.shape[0], x.ndim
+
+  def step(x, t_b, key):
+    if sampler == "ancestral":
+      x_prev = p_sample(d, model_fn, x, t_b, key, clip_denoised,
+                        cond_fn)["sample"]
+    else:
+      x_prev = ddim_sample(d, model_fn, x, t_b, key, eta, clip_denoised,
+                           cond_fn)["sample"]
+    if known is None:
+      return x_prev
+    # The known region at level t - 1 (abar_prev = 1 at t = 0: exact).
+    abar_prev = diff.extract(d.alphas_cumprod_prev, t_b, n)
+    noised = (jnp.sqrt(abar_prev) * known + jnp.sqrt(1.0 - abar_prev) *
+              _normal(_fold_in(key, 1), x.shape, x.dtype))
+    return known_mask * noised + (1.0 - known_mask) * x_prev
 
   def body(i, x):
     t = t_start - 1 - i
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
     key = _fold_in(rng, t)
-    if sampler == "ancestral":
-      return p_sample(d, model_fn, x, t_b, key, clip_denoised)["sample"]
-    return ddim_sample(d, model_fn, x, t_b, key, eta, clip_denoised)["sample"]
+
+    def jump_back(r, x):
+      x_prev = step(x, t_b, _fold_in(_fold_in(key, 2), r))
+      beta = diff.extract(d.betas, t_b, n)
+      z = _normal(_fold_in(_fold_in(key, 3), r), x.shape, x.dtype)
+      return jnp.sqrt(1.0 - beta) * x_prev + jnp.sqrt(beta) * z
+
+    if resample > 1:
+      x = jax.lax.fori_loop(0, resample - 1, jump_back, x)
+    return step(x, t_b, key)
 
   return jax.lax.fori_loop(0, t_start - t_end, body, x)
+
+
+# ---------------------------------------------------------------------------
+# Guidance
+
+
+def classifier_free_guidance(apply_fn: Callable, y, null_label: int,
+                             scale: float) -> ModelFn:
+  """A model_fn that mixes conditional and unconditional predictions.
+
+  eps = (1 + w) eps(x, y) - w eps(x, no class) (Ho & Salimans 2022), with
+  both evaluations in one batched network call. For learned variances only
+  the first C channels (the mean parameterisation) are mixed; the variance
+  channels come from the conditional prediction.
+
+  Args:
+    apply_fn: `apply_fn(x, t, y) -> output` of a class-conditional network.
+    y: int32 `[B]` class labels.
+    null_label: the "no class" id (the model's `num_classes`).
+    scale: w >= 0; 0 is plain conditional sampling.
+  """
+  def model_fn(x, t):
+    b, c = x.shape[0], x.shape[-1]
+    out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                   jnp.concatenate([y, jnp.full_like(y, null_label)]))
+    cond, uncond = out[:b], out[b:]
+    guided = (1.0 + scale) * cond[..., :c] - scale * uncond[..., :c]
+    return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+  return model_fn
+
+
+def classifier_guidance(classifier_fn: Callable, y, scale: float) -> CondFn:
+  """`cond_fn(x_t, t) = s * grad_x log p(y | x_t, t)` for `p_sample`/`ddim_sample`.
+
+  Args:
+    classifier_fn: `classifier_fn(x_t, t) -> logits [B, K]`, a noise-aware
+      classifier taking the original process's timesteps.
+    y: int32 `[B]` target classes.
+    scale: s, the guidance scale.
+  """
+  def log_prob(x, t):
+    logp = jax.nn.log_softmax(classifier_fn(x, t).astype(jnp.float32))
+    return jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+  def cond_fn(x, t):
+    return scale * jax.grad(log_prob)(x, t)
+  return cond_fn
 
 
 def prior_sample(d: GaussianDiffusion, rng, shape: Sequence[int]):

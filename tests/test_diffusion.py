@@ -198,6 +198,8 @@ def test_variance_types_against_float64():
   np.testing.assert_allclose(large["variance"].ravel(), ref_large, rtol=1e-5)
   np.testing.assert_allclose(small["log_variance"].ravel(), np.log(ref_small),
                              rtol=1e-5)
+  np.testing.assert_allclose(small["variance"].ravel(),
+                             np.where(t == 0, 0.0, post_var[t]), rtol=1e-5)
   # learned_range: v in [-1, 1] interpolates log posterior var .. log beta.
   d_range = make(var="learned_range", loss="hybrid")
   v = np.array([-1.0, 0.0, 0.5, 1.0])
