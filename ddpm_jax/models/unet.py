@@ -38,8 +38,6 @@ def validate_hparams(*, image_size: int, in_ch: int, ch: int, out_ch: int,
     raise ValueError(
         f"model.ch={ch} must be a positive multiple of {layers.NUM_GROUPS} "
         f"(GroupNorm uses {layers.NUM_GROUPS} groups), e.g. 64, 128")
-  if ch < 4:
-    raise ValueError(f"model.ch={ch} is too small for a timestep embedding")
   if in_ch < 1 or out_ch < 1:
     raise ValueError(
         f"channels must be positive: data.channels={in_ch}, out_ch={out_ch}")
