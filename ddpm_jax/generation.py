@@ -36,11 +36,18 @@ class SamplerOptions:
     ('250', '10,10,20', 'ddim50'; see `sampling.space_timesteps`).
   eta: DDIM's noise scale (0 = deterministic).
   clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
+  guidance_scale: classifier-free guidance w (class-conditional models
+    trained with label dropout): eps = (1 + w) eps(x, y) - w eps(x, none).
+  classifier_scale: classifier guidance s (needs a classifier in `generate`).
+  resample: RePaint resampling per step when inpainting.
   """
   sampler: str = "ancestral"
   steps: Optional[int | str] = None
   eta: float = 0.0
   clip_denoised: bool = True
+  guidance_scale: float = 0.0
+  classifier_scale: float = 0.0
+  resample: int = 1
 
 
 def sampling_diffusion(config: ml_collections.ConfigDict,
@@ -51,6 +58,17 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
                      f"{', '.join(sampling.SAMPLERS)}.")
   if options.eta < 0:
     raise ValueError(f"eta must be >= 0, got {options.eta}.")
+  if options.guidance_scale < 0 or options.classifier_scale < 0:
+    raise ValueError("Guidance scales must be >= 0, got guidance_scale="
+                     f"{options.guidance_scale}, classifier_scale="
+                     f"{options.classifier_scale}.")
+  if options.guidance_scale > 0 and int(config.model.num_classes) == 0:
+    raise ValueError(
+        "Classifier-free guidance needs a class-conditional model (trained "
+        "with model.num_classes > 0 and training.label_dropout > 0); this "
+        "model is unconditional.")
+  if options.resample < 1:
+    raise ValueError(f"resample must be >= 1, got {options.resample}.")
   d = models.create_diffusion(config)
   if options.steps is None or str(options.steps) == str(d.num_timesteps):
     return d
@@ -73,23 +91,66 @@ def random_labels(keys: np.ndarray, num_classes: int) -> np.ndarray:
                     np.int32)
 
 
-def make_chain_fn(model: Any, options: SamplerOptions) -> Callable:
-  """jitted `run(params, d, x, keys, y, t_start, t_end) -> x` over one chunk."""
+def make_chain_fn(model: Any, num_classes: int, options: SamplerOptions,
+                  classifier: Any = None) -> Callable:
+  """jitted `run(params, cls_params, d, x, keys, y, known, mask, t_start, t_end)`.
 
-  def run(params, d, x, keys, y, t_start, t_end):
-    model_fn = lambda x, t: model.apply({"params": params}, x, t, y)
+  Runs one chunk of a chain; `cls_params`, `y`, `known` and `mask` may be
+  None when unused.
+  """
+
+  def run(params, cls_params, d, x, keys, y, known, mask, t_start, t_end):
+    # An unconditional model ignores labels (they may steer a classifier).
+    apply_fn = lambda x, t, y: model.apply({"params": params}, x, t,
+                                           y if num_classes else None)
+    if options.guidance_scale > 0:
+      model_fn = sampling.classifier_free_guidance(
+          apply_fn, y, num_classes, options.guidance_scale)
+    else:
+      model_fn = lambda x, t: apply_fn(x, t, y)
+    cond_fn = None
+    if classifier is not None:
+      cond_fn = sampling.classifier_guidance(
+          lambda x, t: classifier.apply({"params": cls_params}, x, t), y,
+          options.classifier_scale)
     return sampling.sample_steps(
         d, model_fn, x, keys, t_start, t_end, sampler=options.sampler,
-        eta=options.eta, clip_denoised=options.clip_denoised)
+        eta=options.eta, clip_denoised=options.clip_denoised, cond_fn=cond_fn,
+        known=known, known_mask=mask,
+        resample=options.resample if known is not None else 1)
 
   return jax.jit(run)
+
+
+def _check_classifier(config, classifier_config) -> int:
+  """The number of classes both agree on; ValueError when they differ."""
+  c = classifier_config
+  if c.model.name != "classifier":
+    raise ValueError(f"The classifier run has model.name={c.model.name!r}, "
+                     "not 'classifier' (train one with configs/digits_classifier.py).")
+  for key in ("image_size", "channels"):
+    if c.data[key] != config.data[key]:
+      raise ValueError(f"The classifier was trained on data.{key}="
+                       f"{c.data[key]}, the model on {config.data[key]}.")
+  if c.diffusion.num_timesteps != config.diffusion.num_timesteps:
+    raise ValueError("The classifier was trained on T="
+                     f"{c.diffusion.num_timesteps} noise levels, the model on "
+                     f"T={config.diffusion.num_timesteps}.")
+  k = int(c.model.num_classes)
+  if int(config.model.num_classes) not in (0, k):
+    raise ValueError(f"The classifier has {k} classes, the model "
+                     f"{config.model.num_classes}: they must be the same classes.")
+  return k
 
 
 def generate(config: ml_collections.ConfigDict, params: Any, *,
              num_samples: int, batch_size: int,
              options: SamplerOptions = SamplerOptions(), seed: int = 0,
-             labels: Optional[np.ndarray] = None, progress: bool = True
-             ) -> dict[str, Any]:
+             labels: Optional[np.ndarray] = None,
+             known: Optional[np.ndarray] = None,
+             known_mask: Optional[np.ndarray] = None,
+             classifier: Optional[tuple[ml_collections.ConfigDict, Any]] = None,
+             progress: bool = True) -> dict[str, Any]:
   """Draws `num_samples` images from the model of `config` with `params`.
 
   Args:
@@ -100,8 +161,12 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
       a multiple of the device count.
     options: sampler, respacing, eta, clipping.
     seed: the root seed; example i uses `fold_in(PRNGKey(seed), i)`.
-    labels: int `[N]` classes for a class-conditional model; default: drawn
-      uniformly per example from its key. Must be None for other models.
+    labels: int `[N]` classes for a class-conditional (or classifier-guided)
+      model; default: drawn uniformly per example from its key.
+    known, known_mask: inpainting: float `[H, W, C]` in [-1, 1] and `[H, W, 1]`
+      or `[H, W, C]` in {0, 1} (1 = keep the known pixel), shared by all N.
+    classifier: (config, params) of a noise-aware classifier run, for
+      classifier guidance with `options.classifier_scale`.
     progress: show a progress bar over all steps of all batches.
 
   Returns:
@@ -112,11 +177,33 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
     raise ValueError(f"num_samples ({num_samples}) and batch_size "
                      f"({batch_size}) must be >= 1.")
   num_classes = int(config.model.num_classes)
+  classifier_model = cls_params = None
+  if classifier is not None:
+    num_classes = _check_classifier(config, classifier[0])
+    classifier_model = models.create_model(classifier[0])
+    cls_params = classifier[1]
+  elif options.classifier_scale > 0:
+    raise ValueError("classifier_scale > 0 needs a classifier run.")
+  image_shape = (config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  if (known is None) != (known_mask is None):
+    raise ValueError("Inpainting needs both the known image and its mask.")
+  if known is not None:
+    known = np.asarray(known, np.float32)
+    known_mask = np.asarray(known_mask, np.float32)
+    if known.shape != image_shape or known_mask.shape not in (
+        image_shape, image_shape[:2] + (1,)):
+      raise ValueError(
+          f"The inpainting image {known.shape} and mask {known_mask.shape} must "
+          f"match the model's images {image_shape} (mask: [H, W, 1] or "
+          "[H, W, C]).")
+  elif options.resample > 1:
+    raise ValueError("resample > 1 is for inpainting only.")
   if labels is not None:
     labels = np.asarray(labels, np.int32)
     if num_classes == 0:
       raise ValueError("Class labels were given but the model is unconditional "
-                       "(model.num_classes = 0).")
+                       "(model.num_classes = 0) and there is no classifier.")
     if labels.shape != (num_samples,):
       raise ValueError(f"labels must have shape [{num_samples}], got {labels.shape}.")
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -128,16 +215,22 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
   n_dev = mesh.devices.size
   batch_size = math.ceil(batch_size / n_dev) * n_dev
   shard = parallel.batch_sharding(mesh)
-  image_shape = (config.data.image_size, config.data.image_size,
-                 config.data.channels)
-  run = make_chain_fn(model, options)
+  run = make_chain_fn(model, int(config.model.num_classes), options,
+                      classifier_model)
   prior = jax.jit(lambda d, keys: sampling.prior_sample(
       d, keys, (keys.shape[0],) + image_shape), out_shardings=shard)
   params = jax.device_put(params, parallel.replicated(mesh))
+  if cls_params is not None:
+    cls_params = jax.device_put(cls_params, parallel.replicated(mesh))
 
   def to_global(a):
     return jax.make_array_from_callback(a.shape, shard, lambda idx: a[idx])
 
+  batch_known = batch_mask = None
+  if known is not None:  # the same image and mask for every sample
+    batch_known = to_global(np.broadcast_to(known, (batch_size,) + image_shape))
+    batch_mask = to_global(np.broadcast_to(
+        known_mask, (batch_size,) + known_mask.shape))
   num_batches = math.ceil(num_samples / batch_size)
   steps = d.num_timesteps
   chunk = max(1, math.ceil(steps / _CHUNKS_PER_CHAIN))
@@ -158,7 +251,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
     x = prior(d, keys)
     for hi in range(steps, 0, -chunk):
       lo = max(hi - chunk, 0)
-      x = run(params, d, x, keys, y, hi, lo)
+      x = run(params, cls_params, d, x, keys, y, batch_known, batch_mask, hi, lo)
       x.block_until_ready()
       bar.update(hi - lo)
     if jax.process_count() > 1:

@@ -8,6 +8,12 @@ existing file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
       --sampler ddim --steps 50 --out runs/digits/samples.npz
+
+Conditional generation: `--class_label 3 --guidance_scale 2` (a class-
+conditional model; classifier-free guidance), `--classifier_workdir CLS
+--classifier_scale 1` (classifier guidance), `--inpaint IMAGE --mask MASK
+[--resample 5]` (white = keep) or `--outpaint SMALL_IMAGE`. Every request is
+checked before the first sampling step.
 """
 import os
 import sys
@@ -31,6 +37,22 @@ flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
 flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/step_N.npz).")
 flags.DEFINE_string("grid", None, "Output PNG grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
+# Conditional generation.
+flags.DEFINE_list("class_label", None,
+                  "Class-conditional models: one label for all samples, or N "
+                  "comma-separated labels (default: drawn at random).")
+flags.DEFINE_float("guidance_scale", 0.0,
+                   "Classifier-free guidance w: (1 + w) eps(x, y) - w eps(x, none).")
+flags.DEFINE_string("classifier_workdir", None,
+                    "A noise-aware classifier run (configs/digits_classifier.py) "
+                    "for classifier guidance.")
+flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale s.")
+flags.DEFINE_string("inpaint", None, "Inpainting: the known image (PNG/JPEG or .npz "
+                    "with 'image'), the model's size.")
+flags.DEFINE_string("mask", None, "Inpainting mask: white = keep, black = fill.")
+flags.DEFINE_string("outpaint", None, "Outpainting: a smaller image, centred on the "
+                    "canvas; the border is filled.")
+flags.DEFINE_integer("resample", 1, "RePaint resampling per step (inpainting).")
 flags.mark_flags_as_required(["workdir"])
 
 _GRID_MAX = 100
@@ -72,17 +94,47 @@ def run(argv) -> None:
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
 
+  from ddpm_jax import inpainting_io  # pylint: disable=g-import-not-at-top
+
   steps = FLAGS.steps
   if steps is not None and steps.isdigit():
     steps = int(steps)
-  options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=steps,
-                                      eta=FLAGS.eta)
+  classifier = None
+  if FLAGS.classifier_workdir:
+    cls_config, cls_params, _ = checkpointing.load_params(FLAGS.classifier_workdir)
+    classifier = (cls_config, cls_params)
+  options = generation.SamplerOptions(
+      sampler=FLAGS.sampler, steps=steps, eta=FLAGS.eta,
+      guidance_scale=FLAGS.guidance_scale,
+      classifier_scale=FLAGS.classifier_scale if classifier else 0.0,
+      resample=FLAGS.resample)
   if FLAGS.num_samples < 1 or FLAGS.batch_size < 1:
     raise ValueError("--num_samples and --batch_size must be >= 1.")
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
   d = generation.sampling_diffusion(config, options)  # K > T etc. fail here
+  labels = None
+  if FLAGS.class_label:
+    try:
+      labels = [int(v) for v in FLAGS.class_label]
+    except ValueError:
+      raise ValueError(f"--class_label must be integers, got {FLAGS.class_label}.") from None
+    if len(labels) == 1:
+      labels = labels * FLAGS.num_samples
+    elif len(labels) != FLAGS.num_samples:
+      raise ValueError(f"--class_label has {len(labels)} labels for "
+                       f"--num_samples={FLAGS.num_samples}: give 1 or N.")
+  known = known_mask = None
+  if FLAGS.inpaint or FLAGS.mask:
+    if not (FLAGS.inpaint and FLAGS.mask) or FLAGS.outpaint:
+      raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
+                       "(and no --outpaint).")
+    known, known_mask = inpainting_io.load_inpainting(
+        FLAGS.inpaint, FLAGS.mask, config.data.image_size, config.data.channels)
+  elif FLAGS.outpaint:
+    known, known_mask = inpainting_io.load_outpainting(
+        FLAGS.outpaint, config.data.image_size, config.data.channels)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"step_{step}.npz")
   grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
   writer = jax.process_index() == 0
@@ -93,9 +145,11 @@ def run(argv) -> None:
   print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
         f"({FLAGS.params} params) with {FLAGS.sampler}, {d.num_timesteps} steps, "
         f"on {jax.device_count()} device(s).", flush=True)
+  # Every remaining check of the request runs before the first step.
   result = generation.generate(
       config, params, num_samples=FLAGS.num_samples,
-      batch_size=FLAGS.batch_size, options=options, seed=FLAGS.seed)
+      batch_size=FLAGS.batch_size, options=options, seed=FLAGS.seed,
+      labels=labels, known=known, known_mask=known_mask, classifier=classifier)
   if writer:
     arrays = {"samples": result["samples"]}
     if "labels" in result:

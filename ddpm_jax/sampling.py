@@ -143,8 +143,8 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
     clip_denoised: clip the predicted x_0 to [-1, 1].
     cond_fn: classifier guidance (see `classifier_guidance`).
     known, known_mask: inpainting. `known` `[B, ...]` in [-1, 1] holds the
-      known pixels where `known_mask` (of x's rank, broadcastable to it; 1 = known, 0 =
-      to fill) is 1. After every step the known pixels are replaced by the
+      known pixels where `known_mask` is 1 (of x's rank, broadcastable to
+      it; 1 = known, 0 = to fill). After every step the known pixels are replaced by the
       known image noised to the step's level, and at the end by the known
       image itself (the "replacement" method).
     resample: RePaint's resampling (Lugmayr et al. 2022) with jump length 1:
@@ -369,7 +369,9 @@ def respace(d: GaussianDiffusion, section_counts):
 
   Returns:
     (the respaced `GaussianDiffusion`, int32 `[K]` map from its steps to the
-    timesteps of the process the model was trained on).
+    timesteps of the process the model was trained on). The map is stored in
+    the process too, and every function here applies it before calling
+    `model_fn`: pass the model itself, never a model_fn that maps again.
   """
   kept = space_timesteps(d.num_timesteps, section_counts)
   # float64 from the stored float32 betas (exactly the process `d` runs).

@@ -119,3 +119,59 @@ def test_cli_errors_exit_1_before_sampling_and_keep_old_output(pretrained_run, t
   assert r.returncode == 1 and "eta" in r.stderr
   assert out.read_bytes() == b"old"
   assert "Traceback" not in r.stderr
+
+
+def test_cli_inpainting_keeps_known_pixels_and_outpainting_the_centre(
+    pretrained_run, tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, :4] = 255  # keep the left half
+  Image.fromarray(image).save(tmp_path / "img.png")
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  out = str(tmp_path / "inp.npz")
+  r = run_cli("--workdir", pretrained_run, "--num_samples", "3", "--inpaint",
+              str(tmp_path / "img.png"), "--mask", str(tmp_path / "mask.png"),
+              "--resample", "2", "--out", out, "--grid", "none")
+  assert r.returncode == 0, r.stderr
+  samples = np.load(out)["samples"][..., 0]
+  # Known pixels come back exactly (within 1/255 after quantisation).
+  assert np.abs(samples[:, :, :4].astype(int) - image[:, :4]).max() <= 1
+  assert len({s[:, 4:].tobytes() for s in samples}) == 3  # filled differently
+  small = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+  Image.fromarray(small).save(tmp_path / "small.png")
+  r = run_cli("--workdir", pretrained_run, "--num_samples", "2", "--outpaint",
+              str(tmp_path / "small.png"), "--out", out, "--grid", "none")
+  assert r.returncode == 0, r.stderr
+  samples = np.load(out)["samples"][..., 0]
+  assert np.abs(samples[:, 2:6, 2:6].astype(int) - small).max() <= 1
+
+
+def test_cli_conditional_request_errors(pretrained_run, tmp_path):
+  r = run_cli("--workdir", pretrained_run, "--class_label", "3")
+  assert r.returncode == 1 and "unconditional" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--guidance_scale", "2")
+  assert r.returncode == 1 and "class-conditional model" in r.stderr
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "big.png")
+  r = run_cli("--workdir", pretrained_run, "--inpaint", str(tmp_path / "big.png"),
+              "--mask", str(tmp_path / "big.png"))
+  assert r.returncode == 1 and "16x16" in r.stderr and "8x8" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--mask", str(tmp_path / "big.png"))
+  assert r.returncode == 1 and "both --inpaint" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--classifier_workdir", pretrained_run)
+  assert r.returncode == 1 and "not 'classifier'" in r.stderr
+
+
+def test_cli_class_labels_are_checked_and_saved(tmp_path):
+  workdir = str(tmp_path / "cond")
+  config = tiny_config(num_classes=10)
+  checkpointing.save_pretrained(workdir, config, random_params(config))
+  out = str(tmp_path / "c.npz")
+  r = run_cli("--workdir", workdir, "--num_samples", "3", "--class_label",
+              "4,5,6", "--guidance_scale", "1.5", "--out", out)
+  assert r.returncode == 0, r.stderr
+  np.testing.assert_array_equal(np.load(out)["labels"], [4, 5, 6])
+  r = run_cli("--workdir", workdir, "--class_label", "10")
+  assert r.returncode == 1 and "0..9" in r.stderr
+  r = run_cli("--workdir", workdir, "--num_samples", "3", "--class_label", "1,2")
+  assert r.returncode == 1 and "give 1 or N" in r.stderr
