@@ -1,0 +1,180 @@
+"""Time to draw N samples: 1000 ancestral steps and DDIM-50, optionally vs diffusers.
+
+  python -m benchmarks.sample_time --config configs/cifar10.py --num_samples 8 \
+      --batch_size 8 --measured_steps 20 --compare diffusers
+  # on a GPU: --num_samples 50000 --batch_size 1000 --measured_steps 100
+
+Ours runs the sampler of `ddpm_jax.sample` (`sampling.sample_steps`: the
+chain in compiled chunks of a `lax` loop, respaced with 'ddimK' for DDIM). The peer runs
+the loop of diffusers' `DDPMPipeline` / `DDIMPipeline` (`unet(x, t).sample`
+then `scheduler.step`) on the same network. Each side times `measured_steps`
+steps of one batch (interleaved, repeated, warm-up excluded); the time for N
+samples is extrapolated as ceil(N / batch) * steps * (median time per step),
+and printed as such. With measured_steps >= the chain length the whole chain
+is timed and nothing is extrapolated along the chain.
+"""
+import argparse
+import copy
+import math
+import sys
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import measure
+
+COMPARE = ("none", "diffusers")
+
+
+def _ours(config, sampler: str, steps: Optional[int], batch_size: int, measured: int,
+          seed: int):
+  """`(timer, num_steps, compile_s)` for our chain of one batch."""
+  from benchmarks import throughput  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+  d = models.create_diffusion(config)
+  if steps is not None:
+    d = sampling.respace(d, f"ddim{steps}")[0]
+  model = models.create_model(config)
+  x, t, y = ts.init_inputs(config, batch_size)
+  params = model.init({"params": jax.random.PRNGKey(seed)}, x, t, y)["params"]
+  keys = throughput.example_keys(seed, batch_size)
+  x_t = jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape)
+  num = d.num_timesteps
+  measured = min(measured, num)
+  args = (params, d, x_t, keys, num, num - measured)
+  chain = throughput.make_chain_fn(model, sampler)
+  holder = {}
+  compile_s = measure.timed(lambda: holder.setdefault("c", chain.lower(*args).compile()))
+  compiled = holder["c"]
+  timer = lambda: measure.timed(lambda: compiled(*args).block_until_ready())
+  timer()  # warm-up
+  return timer, num, measured, compile_s
+
+
+def _theirs(unet, config, sampler: str, steps: Optional[int], batch_size: int,
+            measured: int, seed: int):
+  from benchmarks import peer  # pylint: disable=g-import-not-at-top
+  timesteps, init, run = peer.make_sampler(config, unet, batch_size, sampler=sampler,
+                                           num_inference_steps=steps, seed=seed)
+  x = init()
+  part = timesteps[:measured]
+  timer = lambda: measure.timed(lambda: run(x, part))
+  timer()  # warm-up
+  return timer, len(timesteps), len(part)
+
+
+def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: int = 20,
+                  ddim_steps: int = 50, repeats: int = 3, compare: str = "none",
+                  seed: int = 0, log=print) -> dict[str, Any]:
+  """Times both samplers (and the peer); returns every number.
+
+  Returns:
+    dict with `machine`, `setup` and per sampler ('ancestral', 'ddim{K}') a
+    dict: `steps`, `measured_steps`, `ours` / `theirs` with `step_s` (summary
+    over repeats of seconds per step of one batch) and `total_s` (the
+    extrapolated seconds for `num_samples`), and `ratio` (theirs/ours time,
+    > 1: we are faster).
+  """
+  if compare not in COMPARE:
+    raise ValueError(f"--compare must be one of {COMPARE}, got {compare!r}.")
+  for name, v in (("num_samples", num_samples), ("batch_size", batch_size),
+                  ("measured_steps", measured_steps), ("ddim_steps", ddim_steps),
+                  ("repeats", repeats)):
+    if v < 1:
+      raise ValueError(f"--{name} must be >= 1, got {v}.")
+  config = copy.deepcopy(config)
+  if compare == "diffusers" and config.model.dtype != "float32":
+    raise ValueError("--compare diffusers runs float32 on both sides; drop --dtype "
+                     f"{config.model.dtype}.")
+  batch_size = min(batch_size, num_samples)
+  num_batches = math.ceil(num_samples / batch_size)
+  result: dict[str, Any] = dict(
+      machine=measure.machine_info(),
+      setup=dict(num_samples=num_samples, batch_size=batch_size, num_batches=num_batches,
+                 measured_steps=measured_steps, repeats=repeats, dtype=config.model.dtype))
+  log(f"machine: {result['machine']}")
+  unet = None
+  if compare == "diffusers":
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    unet = peer.create_unet(config, seed)
+
+  for sampler, steps in (("ancestral", None), ("ddim", ddim_steps)):
+    label = "ancestral" if steps is None else f"ddim{steps}"
+    ours, num, measured, compile_s = _ours(config, sampler, steps, batch_size,
+                                           measured_steps, seed)
+    sides = {"ours": ours}
+    if unet is not None:
+      theirs, their_num, their_measured = _theirs(unet, config, sampler, steps, batch_size,
+                                                  measured_steps, seed)
+      if (their_num, their_measured) != (num, measured):
+        raise AssertionError(f"{label}: peer chain has {their_num} steps ({their_measured} "
+                             f"timed), ours {num} ({measured}).")
+      sides["theirs"] = theirs
+    step_times = {name: [] for name in sides}
+    for _ in range(repeats):
+      for name, timer in sides.items():  # interleaved: ours, theirs, ours, ...
+        step_times[name].append(timer() / measured)
+    entry: dict[str, Any] = dict(steps=num, measured_steps=measured,
+                                 extrapolated=measured < num or num_batches > 1,
+                                 ours_compile_s=compile_s)
+    for name, values in step_times.items():
+      per_step = measure.summary(values)
+      entry[name] = dict(step_s=per_step,
+                         total_s=per_step["median"] * num * num_batches)
+    if "theirs" in step_times:
+      entry["ratio"] = measure.summary(
+          [b / a for a, b in zip(step_times["ours"], step_times["theirs"])])
+    result[label] = entry
+    how = (f"extrapolated from {measured} of {num} steps on 1 of {num_batches} batch(es)"
+           if entry["extrapolated"] else "measured")
+    log(f"{label}: {num_samples} samples, batch {batch_size}, {num} steps ({how}):")
+    for name in step_times:
+      log(f"  {name:<7} {entry[name]['total_s']:.1f} s total; per batch step "
+          f"{measure.fmt(entry[name]['step_s'])} s")
+    if "ratio" in entry:
+      log(f"  ours/theirs speed: {measure.fmt(entry['ratio'])}")
+  result["peak_memory"] = measure.peak_memory()
+  return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.sample_time", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/cifar10.py")
+  parser.add_argument("--num_samples", type=int, default=8)
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--measured_steps", type=int, default=20,
+                      help="steps timed per chain (the rest is extrapolated)")
+  parser.add_argument("--ddim_steps", type=int, default=50)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  parser.add_argument("--compare", choices=COMPARE, default="none")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke test: 1 repeat of 2 timed steps")
+  parser.add_argument("--json", default=None, help="also write every number to this file")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.repeats, args.measured_steps = 1, 2
+  try:
+    config = measure.load_config(args.config)
+    if args.dtype:
+      config.model.dtype = args.dtype
+    result = run_benchmark(config, num_samples=args.num_samples, batch_size=args.batch_size,
+                           measured_steps=args.measured_steps, ddim_steps=args.ddim_steps,
+                           repeats=args.repeats, compare=args.compare)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  result["command"] = "python -m benchmarks.sample_time " + " ".join(
+      sys.argv[1:] if argv is None else argv)
+  if args.json:
+    measure.write_json(args.json, result)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,338 @@
+"""Training and sampling throughput of ddpm_jax, optionally against diffusers.
+
+  python -m benchmarks.throughput --config configs/cifar10.py --batch_size 8 \
+      --compare diffusers [--repeats 5] [--json out.json]
+
+Measures on device 0, for one batch size:
+- train: the full jitted train step of `ddpm_jax.train_step` (t and noise
+  drawn, forward, backward, clipping, Adam, EMA), images/s;
+- sample: a compiled chunk of ancestral steps through the production
+  sampler (`sampling.sample_steps` in a `lax` loop), network evaluations/s (one ancestral
+  step of the batch = one evaluation per image);
+- forward: one inference forward pass, and its GFLOP/s (FLOPs from XLA's cost
+  analysis) against a measured large-matmul GFLOP/s of the same device;
+- compile times, XLA's memory estimate of each program, peak memory.
+
+With `--compare diffusers` the same measurements run on diffusers'
+`UNet2DModel` (same architecture and parameter count, float32, PyTorch with
+every core) with an equivalent PyTorch train step and the `DDPMScheduler`
+loop, interleaved with ours repeat by repeat (ours, theirs, ours, ...), so
+load from other processes hits both sides; ratios are ours/theirs per repeat,
+reported as median (min, max). Warm-up runs are excluded from every timing.
+"""
+import argparse
+import copy
+import sys
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import measure
+
+COMPARE = ("none", "diffusers")
+
+
+def make_chain_fn(model, sampler: str = "ancestral"):
+  """jitted `run(params, d, x, keys, t_start, t_end) -> x`: one chunk of a chain.
+
+  The sampler of `ddpm_jax.sample` (`sampling.sample_steps`, a `lax` loop
+  with traced bounds, clipping x0, per-example keys), so one compiled
+  program serves every chunk, as in production.
+  """
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+
+  def run(params, d, x, keys, t_start, t_end):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t)
+    return sampling.sample_steps(d, model_fn, x, keys, t_start, t_end, sampler=sampler,
+                                 clip_denoised=True)
+
+  return jax.jit(run)
+
+
+def example_keys(seed: int, batch_size: int) -> jax.Array:
+  """Raw keys `[B, 2]`, one per example: `fold_in(PRNGKey(seed), i)`."""
+  root = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(batch_size))
+
+
+def _num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+class Ours:
+  """Compiled train step, sampling chunk and forward pass of ddpm_jax."""
+
+  def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0):
+    from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+    parallel.configure_jax()
+    self.batch_size, self.sample_steps = batch_size, sample_steps
+    model = models.create_model(config)
+    self.diffusion = models.create_diffusion(config)
+    # One device: the benchmark measures one chip.
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    # Jitted: an eager Flax init dispatches op by op, slower than compiling it.
+    with jax.default_device(jax.devices()[0]):
+      state = jax.jit(lambda key: ts.create_train_state(config, key, model))(
+          jax.random.PRNGKey(seed))
+    shardings = parallel.state_shardings(state, mesh)
+    self.num_params = _num_params(state.params)
+    # A separate buffer: the train step donates (and overwrites) the state.
+    self.params = jax.tree.map(jnp.copy, state.params)
+    size, channels = int(config.data.image_size), int(config.data.channels)
+    rng = np.random.default_rng(seed)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, size, size, channels)).astype(np.float32),
+             "label": np.zeros((batch_size,), np.int32)}
+    self.batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+
+    step = train_step_lib.jit_train_step(
+        train_step_lib.make_train_step(config, model, self.diffusion), mesh, shardings)
+    self.train_compile_s = measure.timed(
+        lambda: setattr(self, "_train", step.lower(state, self.batch).compile()))
+    self.state = state
+    self.train_flops = measure.cost_flops(self._train)
+    self.train_program_bytes = measure.program_memory_bytes(self._train)
+
+    chain = make_chain_fn(model)
+    keys = example_keys(seed, batch_size)
+    self.x_t = jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                 (batch_size, size, size, channels))
+    num_t = self.diffusion.num_timesteps
+    if not 1 <= sample_steps <= num_t:
+      raise ValueError(f"--sample_steps must be in 1..{num_t}, got {sample_steps}.")
+    self._chain_args = (self.params, self.diffusion, self.x_t, keys, num_t,
+                        num_t - sample_steps)
+    self.sample_compile_s = measure.timed(
+        lambda: setattr(self, "_chain", chain.lower(*self._chain_args).compile()))
+
+    fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    self._fwd_args = (self.params, self.x_t, jnp.full((batch_size,), num_t // 2, jnp.int32))
+    self.forward_compile_s = measure.timed(
+        lambda: setattr(self, "_fwd", fwd.lower(*self._fwd_args).compile()))
+    self.forward_flops = measure.cost_flops(self._fwd)
+    self.forward_program_bytes = measure.program_memory_bytes(self._fwd)
+    # Warm-up (excluded from timings): first calls allocate and page in.
+    self.train(1), self.sample(), self.forward()
+
+  def train(self, iters: int) -> float:
+    """Seconds for `iters` train steps (dispatched back to back, then blocked)."""
+    def run():
+      metrics = None
+      for _ in range(iters):
+        self.state, metrics = self._train(self.state, self.batch)
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"train step loss is {loss}")
+    return measure.timed(run)
+
+  def sample(self) -> float:
+    return measure.timed(lambda: self._chain(*self._chain_args).block_until_ready())
+
+  def forward(self) -> float:
+    return measure.timed(lambda: self._fwd(*self._fwd_args).block_until_ready())
+
+
+class Theirs:
+  """diffusers' UNet2DModel: PyTorch train step, DDPMScheduler loop, forward."""
+
+  def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0):
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    torch = peer.setup_torch()
+    self.torch = torch
+    self.unet = peer.create_unet(config, seed)
+    self.num_params = peer.num_params(self.unet)
+    self.sample_steps = sample_steps
+    self._train = peer.make_train_step(config, self.unet, batch_size, seed)
+    timesteps, init, self._run = peer.make_sampler(config, self.unet, batch_size, seed=seed)
+    self._timesteps = timesteps[:sample_steps]
+    self._x = init()
+    self._fwd = peer.make_forward(self.unet, self._x)
+    # Warm-up, excluded from timings: torch's first steps allocate the Adam
+    # state and caches and run several times slower than later ones.
+    self.train(2), self.sample(), self.forward()
+
+  def train(self, iters: int) -> float:
+    def run():
+      for _ in range(iters):
+        loss = self._train()
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"peer train step loss is {loss}")
+    return measure.timed(run)
+
+  def sample(self) -> float:
+    return measure.timed(lambda: self._run(self._x, self._timesteps))
+
+  def forward(self) -> float:
+    return measure.timed(self._fwd)
+
+
+def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int = 2,
+                  sample_steps: int = 4, compare: str = "none", seed: int = 0,
+                  matmul_size: Optional[int] = None, log=print) -> dict[str, Any]:
+  """Runs the interleaved measurements; returns every number (see module doc).
+
+  Returns:
+    dict with `machine`, `config` (a summary), `matmul_gflops`, `ours` and
+    (with compare) `theirs` and `ratio`; every timing entry is a summary
+    dict(min, median, max, n) over the repeats. `matmul_size` overrides the
+    size of the peak-matmul probe (see `measure.matmul_peak_gflops`).
+  """
+  if compare not in COMPARE:
+    raise ValueError(f"--compare must be one of {COMPARE}, got {compare!r}.")
+  if batch_size < 1 or repeats < 1 or train_iters < 1:
+    raise ValueError(f"batch_size ({batch_size}), repeats ({repeats}) and train_iters "
+                     f"({train_iters}) must be >= 1.")
+  config = copy.deepcopy(config)
+  config.training.steps_per_call = 1
+  if compare == "diffusers" and config.model.dtype != "float32":
+    raise ValueError("--compare diffusers runs float32 on both sides; drop --dtype "
+                     f"{config.model.dtype} (or compare none).")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}[config.model.dtype]
+  result: dict[str, Any] = dict(
+      machine=measure.machine_info(),
+      setup=dict(batch_size=batch_size, repeats=repeats, train_iters=train_iters,
+                 sample_steps=sample_steps, dtype=config.model.dtype,
+                 image_size=int(config.data.image_size), channels=int(config.data.channels),
+                 ch=int(config.model.ch), ch_mult=list(config.model.ch_mult)))
+  log(f"machine: {result['machine']}")
+  result["matmul_gflops"] = measure.matmul_peak_gflops(dtype, matmul_size)
+  log(f"matmul peak ({config.model.dtype} jnp.dot): {result['matmul_gflops']:.1f} GFLOP/s")
+
+  ours = Ours(config, batch_size, sample_steps, seed)
+  log(f"ours: {ours.num_params:,} params; compile train {ours.train_compile_s:.1f} s, "
+      f"sample chunk {ours.sample_compile_s:.1f} s, forward {ours.forward_compile_s:.1f} s")
+  theirs = None
+  if compare == "diffusers":
+    theirs = Theirs(config, batch_size, sample_steps, seed)
+    if theirs.num_params != ours.num_params:
+      raise AssertionError(f"Not the same network: ours {ours.num_params:,} params, diffusers "
+                           f"{theirs.num_params:,}.")
+
+  times = {k: {"ours": [], "theirs": []} for k in ("train", "sample", "forward")}
+  for r in range(repeats):
+    for kind, args in (("train", (train_iters,)), ("sample", ()), ("forward", ())):
+      for name, side in (("ours", ours), ("theirs", theirs)):
+        if side is not None:
+          times[kind][name].append(getattr(side, kind)(*args))
+    log(f"repeat {r + 1}/{repeats}: " + ", ".join(
+        f"{k} {v['ours'][-1]:.3f} s" + (f" (theirs {v['theirs'][-1]:.3f} s)" if theirs else "")
+        for k, v in times.items()))
+
+  def rates(name):
+    t = times
+    out = dict(
+        train_images_per_s=measure.summary(
+            [batch_size * train_iters / s for s in t["train"][name]]),
+        sample_evals_per_s=measure.summary(
+            [batch_size * sample_steps / s for s in t["sample"][name]]),
+        forward_s=measure.summary(t["forward"][name]),
+    )
+    if ours.forward_flops:
+      out["forward_gflops"] = measure.summary(
+          [ours.forward_flops / s / 1e9 for s in t["forward"][name]])
+      out["forward_fraction_of_matmul"] = measure.summary(
+          [ours.forward_flops / s / 1e9 / result["matmul_gflops"] for s in t["forward"][name]])
+      out["sample_gflops"] = measure.summary(
+          [ours.forward_flops * sample_steps / s / 1e9 for s in t["sample"][name]])
+    if ours.train_flops:
+      out["train_gflops"] = measure.summary(
+          [ours.train_flops * train_iters / s / 1e9 for s in t["train"][name]])
+    return out
+
+  result["ours"] = rates("ours")
+  result["ours"].update(
+      num_params=ours.num_params, forward_gflop=(ours.forward_flops or 0) / 1e9,
+      train_step_gflop=(ours.train_flops or 0) / 1e9,
+      compile_s=dict(train=ours.train_compile_s, sample_chunk=ours.sample_compile_s,
+                     forward=ours.forward_compile_s),
+      program_bytes=dict(train=ours.train_program_bytes, forward=ours.forward_program_bytes))
+  if theirs is not None:
+    result["theirs"] = rates("theirs")
+    result["theirs"]["num_params"] = theirs.num_params
+    # Higher is better for all three: ours/theirs throughput per repeat.
+    result["ratio"] = {
+        kind: measure.summary([b / a for a, b in zip(times[kind]["ours"], times[kind]["theirs"])])
+        for kind in times}
+  result["peak_memory"] = measure.peak_memory()
+  result["load_average_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
+  report(result, log)
+  return result
+
+
+def report(result: dict, log=print) -> None:
+  """Prints the summary table of `run_benchmark`'s result."""
+  o = result["ours"]
+  log("")
+  log(f"== ddpm_jax, batch {result['setup']['batch_size']}, {result['setup']['dtype']}, "
+      f"{o['num_params']:,} params, median (min, max) over {result['setup']['repeats']} repeats")
+  log(f"train images/s:         {measure.fmt(o['train_images_per_s'])}")
+  log(f"sample evals/s:         {measure.fmt(o['sample_evals_per_s'])}")
+  if "forward_gflops" in o:
+    log(f"forward GFLOP/s:        {measure.fmt(o['forward_gflops'])} "
+        f"({o['forward_gflop']:.2f} GFLOP per batch)")
+    log(f"forward / matmul peak:  {measure.fmt(o['forward_fraction_of_matmul'])} "
+        f"(matmul {result['matmul_gflops']:.1f} GFLOP/s)")
+  if "train_gflops" in o:
+    log(f"train GFLOP/s:          {measure.fmt(o['train_gflops'])} "
+        f"({o['train_step_gflop']:.2f} GFLOP per step)")
+  log(f"compile s:              " + ", ".join(f"{k} {v:.1f}" for k, v in o["compile_s"].items()))
+  log("XLA program memory:     " + ", ".join(
+      f"{k} {v / 2**20:.0f} MiB" for k, v in o["program_bytes"].items() if v))
+  pm = result["peak_memory"]
+  log(f"peak memory:            {pm['bytes'] / 2**20:.0f} MiB ({pm['source']})")
+  if "theirs" in result:
+    t = result["theirs"]
+    log(f"== diffusers UNet2DModel (torch), {t['num_params']:,} params")
+    log(f"train images/s:         {measure.fmt(t['train_images_per_s'])}")
+    log(f"sample evals/s:         {measure.fmt(t['sample_evals_per_s'])}")
+    if "forward_gflops" in t:
+      log(f"forward GFLOP/s:        {measure.fmt(t['forward_gflops'])} (same FLOP count)")
+    log("== ours / theirs (throughput ratio per repeat; > 1: we are faster)")
+    for kind, s in result["ratio"].items():
+      log(f"{kind + ':':<24}{measure.fmt(s)}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.throughput", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/cifar10.py",
+                      help="config file[:arg] (default configs/cifar10.py)")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="compute dtype (default: the config's model.dtype)")
+  parser.add_argument("--compare", choices=COMPARE, default="none")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--train_iters", type=int, default=2, help="train steps per repeat")
+  parser.add_argument("--sample_steps", type=int, default=4,
+                      help="ancestral steps per timed sampling chunk")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke test: 1 repeat, 1 train step, 2 sampling steps")
+  parser.add_argument("--json", default=None, help="also write every number to this file")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.repeats, args.train_iters, args.sample_steps = 1, 1, 2
+  try:
+    config = measure.load_config(args.config)
+    if args.dtype:
+      config.model.dtype = args.dtype
+    result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
+                           train_iters=args.train_iters, sample_steps=args.sample_steps,
+                           compare=args.compare)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  result["command"] = "python -m benchmarks.throughput " + " ".join(
+      sys.argv[1:] if argv is None else argv)
+  if args.json:
+    measure.write_json(args.json, result)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

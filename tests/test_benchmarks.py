@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmarks: they run end to end on a tiny model, against
+the diffusers peer, and report positive finite numbers. No speed assertions:
+timings belong in benchmarks/RESULTS.md, not in tests.
+"""
+import math
+
+import pytest
+
+from benchmarks import measure
+from benchmarks import peer
+from benchmarks import sample_time
+from benchmarks import throughput
+
+
+def tiny_config():
+  """digits:test shrunk to one level: compiles in seconds on a loaded CPU."""
+  config = measure.load_config("configs/digits.py:test")
+  config.model.ch_mult = (1,)
+  config.model.attn_resolutions = ()
+  config.diffusion.num_timesteps = 20
+  return config
+
+
+def finite_positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_summary(s):
+  assert s["n"] >= 1
+  assert all(finite_positive(s[k]) for k in ("min", "median", "max")), s
+  assert s["min"] <= s["median"] <= s["max"]
+
+
+def test_cifar10_peer_is_the_published_network():
+  """Our CIFAR-10 config maps to google/ddpm-cifar10-32, with the paper's 35,746,307 params."""
+  config = measure.load_config("configs/cifar10.py")
+  cfg = peer.diffusers_unet_config(config)
+  assert cfg.pop("dropout") == 0.1
+  assert cfg == peer.GOOGLE_DDPM_CIFAR10_32
+  unet = peer.create_unet(config)
+  assert peer.num_params(unet) == 35_746_307
+
+
+def test_peer_rejects_models_it_cannot_mirror():
+  config = tiny_config()
+  config.model.num_classes = 10
+  with pytest.raises(ValueError, match="unconditional fixed-variance"):
+    peer.diffusers_unet_config(config)
+
+
+def test_throughput_smoke():
+  lines = []
+  result = throughput.run_benchmark(tiny_config(), batch_size=2, repeats=1, train_iters=1,
+                                    sample_steps=2, compare="diffusers", matmul_size=256,
+                                    log=lines.append)
+  ours, theirs = result["ours"], result["theirs"]
+  assert ours["num_params"] == theirs["num_params"] > 0
+  for side in (ours, theirs):
+    for key in ("train_images_per_s", "sample_evals_per_s", "forward_gflops",
+                "forward_fraction_of_matmul", "train_gflops"):
+      if key in side:
+        check_summary(side[key])
+    assert "train_images_per_s" in side and "sample_evals_per_s" in side
+  for kind in ("train", "sample", "forward"):
+    check_summary(result["ratio"][kind])
+  assert finite_positive(result["matmul_gflops"])
+  assert finite_positive(ours["forward_gflop"])
+  # A train step costs more than a forward pass (backward, optimiser).
+  assert ours["train_step_gflop"] > 2 * ours["forward_gflop"]
+  assert all(finite_positive(v) for v in ours["compile_s"].values())
+  assert finite_positive(result["peak_memory"]["bytes"])
+  text = "\n".join(lines)
+  assert "ours / theirs" in text and "train images/s" in text
+
+
+def test_sample_time_smoke():
+  lines = []
+  result = sample_time.run_benchmark(tiny_config(), num_samples=3, batch_size=2,
+                                     measured_steps=2, ddim_steps=5, repeats=1,
+                                     compare="diffusers", log=lines.append)
+  assert set(result) >= {"ancestral", "ddim5"}
+  for label, steps in (("ancestral", 20), ("ddim5", 5)):
+    entry = result[label]
+    assert entry["steps"] == steps and entry["measured_steps"] == 2 and entry["extrapolated"]
+    for side in ("ours", "theirs"):
+      check_summary(entry[side]["step_s"])
+      # 2 batches of the full chain, extrapolated from the median step time.
+      assert entry[side]["total_s"] == pytest.approx(
+          entry[side]["step_s"]["median"] * steps * 2)
+    check_summary(entry["ratio"])
+  assert any("extrapolated from 2 of 20 steps" in line for line in lines)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    (throughput, ["--config", "configs/nope.py"], "no such file"),
+    (throughput, ["--config", "configs/digits.py:test", "--dtype", "bfloat16",
+                  "--compare", "diffusers"], "float32 on both sides"),
+    (sample_time, ["--config", "configs/digits.py:test", "--num_samples", "0"],
+     "--num_samples must be >= 1"),
+])
+def test_cli_errors(module, args, message, capsys):
+  assert module.main(args) == 2
+  assert message in capsys.readouterr().err
