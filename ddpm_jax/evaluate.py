@@ -39,6 +39,9 @@ flags.DEFINE_float("eta", 0.0, "DDIM noise scale.")
 flags.DEFINE_string("inception_weights", None,
                     "pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its "
                     ".npz conversion (default: $DDPM_JAX_INCEPTION_WEIGHTS).")
+flags.DEFINE_integer("num_reference", None,
+                     "Use the first N training images for the reference statistics "
+                     "(default: the whole training split, the protocol).")
 flags.DEFINE_string("stats_cache", os.path.join("~", ".cache", "ddpm_jax", "fid_stats"),
                     "Directory caching the training set's Inception statistics.")
 flags.mark_flags_as_required(["workdir"])
@@ -54,28 +57,31 @@ def _write_json_atomic(path: str, data: dict) -> None:
   os.replace(tmp, path)
 
 
-def _training_images(config):
-  """The training split as uint8 [N, H, W, C] chunks, in order."""
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  source = input_pipeline.create_source(config, "train")
+def _training_images(source, count):
+  """The first `count` training images as uint8 [n, H, W, C] chunks, in order."""
   chunk = 1000
-  for start in range(0, len(source), chunk):
-    yield np.stack(
-        [source[i]["image"] for i in range(start, min(start + chunk, len(source)))])
+  for start in range(0, count, chunk):
+    yield np.stack([source[i]["image"] for i in range(start, min(start + chunk, count))])
 
 
 def sample_metrics(config, params, metrics, *, step) -> dict:
   """FID / IS / KID of samples (drawn now or read from --samples)."""
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
 
   module, inception_params = m.load_inception(FLAGS.inception_weights)  # fails early
+  source = input_pipeline.create_source(config, "train")
+  num_reference = FLAGS.num_reference or len(source)
+  if not 2 <= num_reference <= len(source):
+    raise ValueError(f"--num_reference must be in [2, {len(source)}] (the training "
+                     f"split's size), got {num_reference}.")
   if FLAGS.samples:
     with np.load(FLAGS.samples) as f:
       if "samples" not in f.files:
         raise ValueError(f"{FLAGS.samples} has no 'samples' array (it has {f.files}).")
       samples = f["samples"]
-    source = FLAGS.samples
+    origin = FLAGS.samples
   else:
     steps = FLAGS.steps
     steps = int(steps) if steps is not None and steps.isdigit() else steps
@@ -84,22 +90,23 @@ def sample_metrics(config, params, metrics, *, step) -> dict:
     samples = generation.generate(config, params, num_samples=FLAGS.num_samples,
                                   batch_size=FLAGS.batch_size, options=options,
                                   seed=FLAGS.seed)["samples"]
-    source = f"{FLAGS.num_samples} {FLAGS.sampler} samples (steps={FLAGS.steps or 'T'})"
+    origin = f"{FLAGS.num_samples} {FLAGS.sampler} samples (steps={FLAGS.steps or 'T'})"
   if samples.dtype != np.uint8 or samples.ndim != 4:
     raise ValueError(f"Samples must be uint8 [N, H, W, C], got {samples.dtype} "
                      f"{samples.shape}.")
   feats = m.inception_features(module, inception_params, samples,
                                batch_size=FLAGS.batch_size, progress=True)
-  result = {"samples": source, "num_samples": int(len(samples)), "step": step}
+  result = {"samples": origin, "num_samples": int(len(samples)), "step": step}
   if "is" in metrics:
-    result["is"], result["is_std"] = m.inception_score(feats["logits"])
+    result["is"], result["is_std"] = m.inception_score(
+        feats["logits"], splits=min(10, len(samples)))
   if "fid" in metrics or "kid" in metrics:
     weights = FLAGS.inception_weights or os.environ.get(m.WEIGHTS_ENV_VAR, "")
-    name = (f"{config.data.dataset}-train-{config.data.image_size}"
+    name = (f"{config.data.dataset}-train{num_reference}-{config.data.image_size}"
             f"x{config.data.channels}")
     ref = m.reference_stats(
         name, lambda: m.inception_features(
-            module, inception_params, _training_images(config),
+            module, inception_params, _training_images(source, num_reference),
             batch_size=FLAGS.batch_size, progress=True)["pool3"],
         os.path.expanduser(FLAGS.stats_cache), keep_features="kid" in metrics,
         fingerprint=os.path.basename(weights))

@@ -14,6 +14,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import diffusion
 from ddpm_jax import models
 from ddpm_jax.metrics import bpd
+from test_metrics import peer  # noqa: F401  (a fixture: torch-fidelity's Inception)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,3 +88,39 @@ def test_cli_errors(pretrained_run, tmp_path):
   assert r.returncode == 1 and "num_examples" in r.stderr
   r = run_cli("--workdir", str(tmp_path))
   assert r.returncode == 1 and "not a run directory" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
+                                                         tmp_path):
+  """The whole FID path against a recomputation through the library API."""
+  from ddpm_jax import generation, input_pipeline, metrics  # pylint: disable=g-import-not-at-top
+  weights = str(tmp_path / "inception.npz")
+  np.savez(weights, **{k: v.numpy() for k, v in peer.state_dict().items()
+                       if not k.endswith("num_batches_tracked")})
+  cache = str(tmp_path / "cache")
+  r = run_cli("--workdir", pretrained_run, "--metric", "fid,is,kid",
+              "--num_samples", "12", "--batch_size", "8", "--num_reference",
+              "12", "--sampler", "ddim", "--steps", "5", "--inception_weights",
+              weights, "--stats_cache", cache)
+  assert r.returncode == 0, r.stderr
+  with open(os.path.join(pretrained_run, "eval", "fid_is_kid_step0.json")) as f:
+    saved = json.load(f)
+  assert len(os.listdir(cache)) == 1  # the reference statistics, cached
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  samples = generation.generate(
+      config, params, num_samples=12, batch_size=8, progress=False,
+      options=generation.SamplerOptions(sampler="ddim", steps="5"))["samples"]
+  module, inception = metrics.load_inception(weights)
+  feats = metrics.inception_features(module, inception, samples, batch_size=8)
+  source = input_pipeline.create_source(config, "train")
+  ref = metrics.inception_features(
+      module, inception, np.stack([source[i]["image"] for i in range(12)]),
+      batch_size=8)["pool3"]
+  fid = metrics.fid_from_stats(*metrics.stats_from_features(feats["pool3"]),
+                               *metrics.stats_from_features(ref))
+  np.testing.assert_allclose(saved["fid"], fid, rtol=1e-3)
+  np.testing.assert_allclose(saved["is"],
+                             metrics.inception_score(feats["logits"], 10)[0],
+                             rtol=1e-3)
+  assert np.isfinite(saved["kid"]) and saved["num_samples"] == 12
