@@ -13,7 +13,7 @@ previous complete step.
 """
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import ml_collections
@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ddpm_jax import files
 from ddpm_jax import parallel
 from ddpm_jax import train_state as ts
 
@@ -51,12 +52,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes `workdir/config.json` atomically (temp file + rename); process 0 only."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with files.atomic_write(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -524,13 +524,10 @@ def main(argv) -> None:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(1)
+  from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
-  try:
-    config = convert_to_workdir(flags_.diffusers, flags_.workdir,
-                                flags_.config)
-  except (ConversionError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  config = cli.exit_on_user_error(convert_to_workdir, flags_.diffusers,
+                                  flags_.workdir, flags_.config)
   m, d = config.model, config.diffusion
   print(f"Wrote {flags_.workdir}: {config.data.image_size}x"
         f"{config.data.image_size}x{config.data.channels}, ch={m.ch} "

@@ -13,12 +13,12 @@ under WORKDIR/eval/.
 """
 import json
 import os
-import sys
-import tempfile
 
 import numpy as np
 from absl import app
 from absl import flags
+
+from ddpm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
@@ -50,11 +50,9 @@ METRICS = ("bpd", "fid", "is", "kid")
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
+  from ddpm_jax import files  # pylint: disable=g-import-not-at-top
+  with files.atomic_write(path, "w") as f:
     json.dump(data, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _training_images(source, count):
@@ -161,11 +159,7 @@ def run(argv) -> None:
 
 
 def main(argv):
-  try:
-    run(argv)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.exit_on_user_error(run, argv)
 
 
 if __name__ == "__main__":

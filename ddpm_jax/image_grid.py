@@ -1,10 +1,11 @@
 """Tile a batch of images into one grid and save it as a PNG."""
 import math
-import os
 from typing import Optional
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import files
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -57,8 +58,6 @@ def save_image_grid(images: np.ndarray, path: str, ncol: Optional[int] = None,
   grid = make_grid(images, ncol=ncol, padding=padding)
   big = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
   pil = Image.fromarray(big[..., 0] if big.shape[-1] == 1 else big)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  pil.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files.atomic_write(path) as f:
+    pil.save(f, format="PNG")
   return grid

@@ -16,11 +16,12 @@ conditional model; classifier-free guidance), `--classifier_workdir CLS
 checked before the first sampling step.
 """
 import os
-import sys
 import tempfile
 
 from absl import app
 from absl import flags
+
+from ddpm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
@@ -71,26 +72,15 @@ def _check_writable(path: str) -> None:
     raise ValueError(f"{path} is a directory; give a file name for the output.")
 
 
-def _save_npz_atomic(path: str, **arrays) -> None:
-  parent = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def run(argv) -> None:
   """Validates everything, then samples and writes the outputs."""
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   # Imported after flag parsing so that `--help` is fast.
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import files  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
 
@@ -154,7 +144,8 @@ def run(argv) -> None:
     arrays = {"samples": result["samples"]}
     if "labels" in result:
       arrays["labels"] = result["labels"]
-    _save_npz_atomic(out, **arrays)
+    with files.atomic_write(out) as f:
+      np.savez(f, **arrays)
     if grid != "none":
       images = result["samples"][:_GRID_MAX].astype("float32") / 127.5 - 1.0
       image_grid.save_image_grid(images, grid,
@@ -166,11 +157,7 @@ def run(argv) -> None:
 
 
 def main(argv):
-  try:
-    run(argv)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.exit_on_user_error(run, argv)
 
 
 if __name__ == "__main__":

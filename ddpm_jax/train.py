@@ -58,17 +58,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _quiet_orbax()
   # Imported after flag parsing so that `--help` is fast.
+  from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
   from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax import trainer  # pylint: disable=g-import-not-at-top
-  try:
+
+  def run():
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
-    # User errors (bad config, data, workdir) and divergence: a message, no traceback.
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+
+  # User errors (bad config, data, workdir) and divergence (NaN): a message.
+  cli.exit_on_user_error(run, errors=cli.USER_ERRORS + (FloatingPointError,))
 
 
 if __name__ == "__main__":

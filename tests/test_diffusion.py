@@ -9,7 +9,7 @@ from scipy import stats
 
 from ddpm_jax import diffusion as D
 from ddpm_jax import schedules
-from oracles import (MU, S, discretized_entropy_bits, discretized_gaussian_data,
+from oracles import (discretized_entropy_bits, discretized_gaussian_data,
                      gaussian_oracle)
 
 T = 1000

@@ -25,13 +25,14 @@ Input to `InceptionV3.__call__`: float32 `[B, 299, 299, 3]` NHWC in [-1, 1]
 import argparse
 import os
 import sys
-import tempfile
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm_jax import files
 
 WEIGHTS_ENV_VAR = "DDPM_JAX_INCEPTION_WEIGHTS"
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -388,16 +389,8 @@ def convert(in_path: str, out_path: str) -> None:
   state = read_state_dict(in_path)
   params_from_state_dict(state)  # Refuse to write anything but these weights.
   state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-  out_dir = os.path.dirname(os.path.abspath(out_path))
-  fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".inception-", suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **state)
-    os.replace(tmp, out_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with files.atomic_write(out_path) as f:
+    np.savez(f, **state)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

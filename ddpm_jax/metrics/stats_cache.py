@@ -10,11 +10,11 @@ a half-written cache behind.
 import hashlib
 import os
 import re
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 
+from ddpm_jax import files
 from ddpm_jax.metrics import scores
 
 
@@ -43,15 +43,8 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *,
             "num_examples": np.asarray(num_examples, np.int64)}
   if features is not None:
     arrays["features"] = np.asarray(features, np.float32)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stats-", suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with files.atomic_write(path) as f:
+    np.savez(f, **arrays)
 
 
 def load_stats(path: str) -> dict:
