@@ -1,26 +1,12 @@
-"""DDPM on LSUN Bedroom 256x256: 113.7M parameters, 2,400,000 steps (Ho et al. 2020).
+"""DDPM on LSUN Bedroom 256x256: 113.7M parameters, 2.4M steps (Ho et al. 2020).
 
-The 256x256 recipe: ch_mult (1, 1, 2, 2, 4, 4), attention at 16x16, no
-dropout, lr 2e-5, batch 64. tfds 'lsun/bedroom' downloads the LSUN lmdb; an
-image folder works too: --config.data.dataset=folder:/path.
-The paper used random flips on every dataset except LSUN Bedroom.
+tfds 'lsun/bedroom' downloads the LSUN lmdb. The paper used random flips on
+every data set except LSUN Bedroom.
 """
-from configs import default
+from configs import ddpm256
 
 
 def get_config():
-  config = default.get_config()
-  config.data.dataset = "lsun/bedroom"
-  config.data.image_size = 256
-  config.data.num_classes = 0
+  config = ddpm256.get_config("lsun/bedroom", 2_400_000)
   config.data.random_flip = False
-
-  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-  config.model.attn_resolutions = (16,)
-  config.model.dropout = 0.0
-
-  config.optim.lr = 2e-5
-  config.training.batch_size = 64
-  config.training.num_train_steps = 2_400_000
-  config.training.num_sample_images = 16
   return config
