@@ -134,6 +134,8 @@ def machine_info() -> dict:
       ram_gib=round(ram / 2**30, 1) if ram else None,
       load_average=[round(x, 2) for x in os.getloadavg()],
       devices=f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+      cpu_affinity=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       versions={n: _version(n) for n in ("jax", "jaxlib", "flax", "torch", "diffusers")},
   )
 

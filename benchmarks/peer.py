@@ -2,11 +2,11 @@
 
 The network mirrors our config (for `configs/cifar10.py` exactly the
 `google/ddpm-cifar10-32` configuration, checked by `diffusers_unet_config`),
-float32, NCHW (PyTorch's native layout). Torch uses every core, as JAX on CPU
-does by default.
+float32, NCHW (PyTorch's native layout). Torch uses every core (as JAX on
+CPU does by default) unless told otherwise.
 """
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ml_collections
 import numpy as np
@@ -73,16 +73,24 @@ def diffusers_unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return cfg
 
 
-def setup_torch():
-  """Imports torch with every core in use and returns the module."""
+def setup_torch(threads: Optional[int] = None):
+  """Imports torch; with `threads`, sets its intra-op thread count. Returns torch."""
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
+  if threads is not None:
+    if threads < 1:
+      raise ValueError(f"torch threads must be >= 1, got {threads}.")
+    torch.set_num_threads(threads)
   return torch
 
 
-def create_unet(config: ml_collections.ConfigDict, seed: int = 0):
-  """A randomly initialised float32 diffusers `UNet2DModel` for `config`."""
-  torch = setup_torch()
+def create_unet(config: ml_collections.ConfigDict, seed: int = 0,
+                threads: Optional[int] = None):
+  """A randomly initialised float32 diffusers `UNet2DModel` for `config`.
+
+  Sets torch's thread count to `threads` (default: every core, as JAX on CPU
+  uses every core by default).
+  """
+  torch = setup_torch(threads or os.cpu_count())
   from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   return UNet2DModel(**diffusers_unet_config(config)).float()

@@ -68,6 +68,7 @@ def _theirs(unet, config, sampler: str, steps: Optional[int], batch_size: int,
 
 def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: int = 20,
                   ddim_steps: int = 50, repeats: int = 3, compare: str = "none",
+                  torch_threads: Optional[int] = None,
                   seed: int = 0, log=print) -> dict[str, Any]:
   """Times both samplers (and the peer); returns every number.
 
@@ -99,7 +100,8 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
   unet = None
   if compare == "diffusers":
     from benchmarks import peer  # pylint: disable=g-import-not-at-top
-    unet = peer.create_unet(config, seed)
+    unet = peer.create_unet(config, seed, torch_threads)
+    result["setup"]["torch_threads"] = peer.setup_torch().get_num_threads()
 
   for sampler, steps in (("ancestral", None), ("ddim", ddim_steps)):
     label = "ancestral" if steps is None else f"ddim{steps}"
@@ -153,6 +155,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   parser.add_argument("--compare", choices=COMPARE, default="none")
+  parser.add_argument("--torch_threads", type=int, default=None,
+                      help="torch intra-op threads (default: all cores). For a one-thread "
+                      "comparison also run JAX single-threaded: XLA_FLAGS="
+                      "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 1 repeat of 2 timed steps")
   parser.add_argument("--json", default=None, help="also write every number to this file")
@@ -165,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> int:
       config.model.dtype = args.dtype
     result = run_benchmark(config, num_samples=args.num_samples, batch_size=args.batch_size,
                            measured_steps=args.measured_steps, ddim_steps=args.ddim_steps,
-                           repeats=args.repeats, compare=args.compare)
+                           repeats=args.repeats, compare=args.compare,
+                           torch_threads=args.torch_threads)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -139,11 +139,11 @@ class Ours:
 class Theirs:
   """diffusers' UNet2DModel: PyTorch train step, DDPMScheduler loop, forward."""
 
-  def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0):
+  def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0,
+               threads: Optional[int] = None):
     from benchmarks import peer  # pylint: disable=g-import-not-at-top
-    torch = peer.setup_torch()
-    self.torch = torch
-    self.unet = peer.create_unet(config, seed)
+    self.unet = peer.create_unet(config, seed, threads)
+    self.threads = peer.setup_torch().get_num_threads()
     self.num_params = peer.num_params(self.unet)
     self.sample_steps = sample_steps
     self._train = peer.make_train_step(config, self.unet, batch_size, seed)
@@ -171,7 +171,8 @@ class Theirs:
 
 
 def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int = 2,
-                  sample_steps: int = 4, compare: str = "none", seed: int = 0,
+                  sample_steps: int = 4, compare: str = "none",
+                  torch_threads: Optional[int] = None, seed: int = 0,
                   matmul_size: Optional[int] = None, log=print) -> dict[str, Any]:
   """Runs the interleaved measurements; returns every number (see module doc).
 
@@ -200,26 +201,31 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
                  image_size=int(config.data.image_size), channels=int(config.data.channels),
                  ch=int(config.model.ch), ch_mult=list(config.model.ch_mult)))
   log(f"machine: {result['machine']}")
-  result["matmul_gflops"] = measure.matmul_peak_gflops(dtype, matmul_size)
-  log(f"matmul peak ({config.model.dtype} jnp.dot): {result['matmul_gflops']:.1f} GFLOP/s")
+  matmul = lambda: measure.matmul_peak_gflops(dtype, matmul_size, repeats=3)
+  log(f"matmul peak ({config.model.dtype} jnp.dot): {matmul():.1f} GFLOP/s (re-measured "
+      "every repeat)")
 
   ours = Ours(config, batch_size, sample_steps, seed)
   log(f"ours: {ours.num_params:,} params; compile train {ours.train_compile_s:.1f} s, "
       f"sample chunk {ours.sample_compile_s:.1f} s, forward {ours.forward_compile_s:.1f} s")
   theirs = None
   if compare == "diffusers":
-    theirs = Theirs(config, batch_size, sample_steps, seed)
+    theirs = Theirs(config, batch_size, sample_steps, seed, torch_threads)
     if theirs.num_params != ours.num_params:
       raise AssertionError(f"Not the same network: ours {ours.num_params:,} params, diffusers "
                            f"{theirs.num_params:,}.")
 
   times = {k: {"ours": [], "theirs": []} for k in ("train", "sample", "forward")}
+  matmul_gflops = []
   for r in range(repeats):
+    # The peak is re-measured beside the forward passes it is compared with,
+    # so a change of load on a shared machine hits both.
+    matmul_gflops.append(matmul())
     for kind, args in (("train", (train_iters,)), ("sample", ()), ("forward", ())):
       for name, side in (("ours", ours), ("theirs", theirs)):
         if side is not None:
           times[kind][name].append(getattr(side, kind)(*args))
-    log(f"repeat {r + 1}/{repeats}: " + ", ".join(
+    log(f"repeat {r + 1}/{repeats}: matmul {matmul_gflops[-1]:.1f} GFLOP/s, " + ", ".join(
         f"{k} {v['ours'][-1]:.3f} s" + (f" (theirs {v['theirs'][-1]:.3f} s)" if theirs else "")
         for k, v in times.items()))
 
@@ -236,7 +242,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
       out["forward_gflops"] = measure.summary(
           [ours.forward_flops / s / 1e9 for s in t["forward"][name]])
       out["forward_fraction_of_matmul"] = measure.summary(
-          [ours.forward_flops / s / 1e9 / result["matmul_gflops"] for s in t["forward"][name]])
+          [ours.forward_flops / s / 1e9 / m for s, m in zip(t["forward"][name], matmul_gflops)])
       out["sample_gflops"] = measure.summary(
           [ours.forward_flops * sample_steps / s / 1e9 for s in t["sample"][name]])
     if ours.train_flops:
@@ -244,6 +250,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
           [ours.train_flops * train_iters / s / 1e9 for s in t["train"][name]])
     return out
 
+  result["matmul_gflops"] = measure.summary(matmul_gflops)
   result["ours"] = rates("ours")
   result["ours"].update(
       num_params=ours.num_params, forward_gflop=(ours.forward_flops or 0) / 1e9,
@@ -253,7 +260,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
       program_bytes=dict(train=ours.train_program_bytes, forward=ours.forward_program_bytes))
   if theirs is not None:
     result["theirs"] = rates("theirs")
-    result["theirs"]["num_params"] = theirs.num_params
+    result["theirs"].update(num_params=theirs.num_params, torch_threads=theirs.threads)
     # Higher is better for all three: ours/theirs throughput per repeat.
     result["ratio"] = {
         kind: measure.summary([b / a for a, b in zip(times[kind]["ours"], times[kind]["theirs"])])
@@ -276,7 +283,7 @@ def report(result: dict, log=print) -> None:
     log(f"forward GFLOP/s:        {measure.fmt(o['forward_gflops'])} "
         f"({o['forward_gflop']:.2f} GFLOP per batch)")
     log(f"forward / matmul peak:  {measure.fmt(o['forward_fraction_of_matmul'])} "
-        f"(matmul {result['matmul_gflops']:.1f} GFLOP/s)")
+        f"(per repeat; matmul {measure.fmt(result['matmul_gflops'])} GFLOP/s)")
   if "train_gflops" in o:
     log(f"train GFLOP/s:          {measure.fmt(o['train_gflops'])} "
         f"({o['train_step_gflop']:.2f} GFLOP per step)")
@@ -287,7 +294,8 @@ def report(result: dict, log=print) -> None:
   log(f"peak memory:            {pm['bytes'] / 2**20:.0f} MiB ({pm['source']})")
   if "theirs" in result:
     t = result["theirs"]
-    log(f"== diffusers UNet2DModel (torch), {t['num_params']:,} params")
+    log(f"== diffusers UNet2DModel (torch, {t['torch_threads']} threads), "
+        f"{t['num_params']:,} params")
     log(f"train images/s:         {measure.fmt(t['train_images_per_s'])}")
     log(f"sample evals/s:         {measure.fmt(t['sample_evals_per_s'])}")
     if "forward_gflops" in t:
@@ -307,6 +315,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="compute dtype (default: the config's model.dtype)")
   parser.add_argument("--compare", choices=COMPARE, default="none")
+  parser.add_argument("--torch_threads", type=int, default=None,
+                      help="torch intra-op threads (default: all cores). For a one-thread "
+                      "comparison also run JAX single-threaded: XLA_FLAGS="
+                      "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--train_iters", type=int, default=2, help="train steps per repeat")
   parser.add_argument("--sample_steps", type=int, default=4,
@@ -323,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       config.model.dtype = args.dtype
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
-                           compare=args.compare)
+                           compare=args.compare, torch_threads=args.torch_threads)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

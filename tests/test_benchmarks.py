@@ -63,7 +63,7 @@ def test_throughput_smoke():
     assert "train_images_per_s" in side and "sample_evals_per_s" in side
   for kind in ("train", "sample", "forward"):
     check_summary(result["ratio"][kind])
-  assert finite_positive(result["matmul_gflops"])
+  check_summary(result["matmul_gflops"])
   assert finite_positive(ours["forward_gflop"])
   # A train step costs more than a forward pass (backward, optimiser).
   assert ours["train_step_gflop"] > 2 * ours["forward_gflop"]
