@@ -1,6 +1,9 @@
 """What every command-line entry point shares: user errors end in one line, exit 1."""
+import logging
 import sys
 from typing import Any, Callable
+
+from absl import logging as absl_logging
 
 # Bad flags, configs, data, files or workdirs: the library raises these with a
 # message that says what was wrong; a traceback would only hide it.
@@ -15,3 +18,14 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
   except errors as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def quiet_orbax() -> None:
+  """Keeps the console for progress: orbax logs every save and restore at INFO."""
+
+  class _Filter(logging.Filter):
+
+    def filter(self, record):
+      return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+  absl_logging.get_absl_handler().addFilter(_Filter())

@@ -157,6 +157,7 @@ def run(argv) -> None:
 
 
 def main(argv):
+  cli.quiet_orbax()
   cli.exit_on_user_error(run, argv)
 
 

@@ -10,7 +10,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
+
+from ddpm_jax import cli
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -41,24 +42,11 @@ def parse_flags(argv):
     sys.exit(1)
 
 
-def _quiet_orbax() -> None:
-  """Keep the console for progress: orbax logs every save step at INFO."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-
-  class _Filter(std_logging.Filter):
-
-    def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-  logging.get_absl_handler().addFilter(_Filter())
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _quiet_orbax()
+  cli.quiet_orbax()
   # Imported after flag parsing so that `--help` is fast.
-  from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
   from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax import trainer  # pylint: disable=g-import-not-at-top
 
