@@ -53,7 +53,7 @@ def get_config():
   diffusion.loss_type = "mse"  # mse | kl | hybrid
 
   config.model = model = ml_collections.ConfigDict()
-  model.name = "unet"
+  model.name = "unet"  # unet | classifier (noise-aware, for classifier guidance)
   model.ch = 128
   model.ch_mult = (1, 2, 2, 2)
   model.num_res_blocks = 2
@@ -63,6 +63,13 @@ def get_config():
   # Class conditioning: 0 = unconditional; N > 0 adds an embedding of N + 1
   # ids, the last one meaning "no class" (classifier-free guidance).
   model.num_classes = 0
+  # Cascaded super-resolution (Ho et al. 2021): low_res_size > 0 makes the
+  # U-Net take a low_res_size x low_res_size image (nearest-upsampled and
+  # concatenated to its input). noise_aug_max: the largest noise-conditioning
+  # augmentation level, as a fraction of T (levels s ~ U{0..noise_aug_max*T},
+  # 0 = clean), applied to the low-resolution input during training.
+  model.low_res_size = 0
+  model.noise_aug_max = 0.0
   model.dtype = "float32"  # compute dtype; parameters stay float32
   model.remat = False  # rematerialise ResNet blocks to save memory
 

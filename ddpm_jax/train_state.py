@@ -103,7 +103,9 @@ def init_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
   size, channels = int(config.data.image_size), int(config.data.channels)
   x = jnp.zeros((batch_size, size, size, channels), jnp.float32)
   t = jnp.zeros((batch_size,), jnp.int32)
-  y = jnp.zeros((batch_size,), jnp.int32) if config.model.num_classes > 0 else None
+  # A classifier's model.num_classes counts its outputs; it takes no label.
+  takes_y = config.model.num_classes > 0 and config.model.name != "classifier"
+  y = jnp.zeros((batch_size,), jnp.int32) if takes_y else None
   return x, t, y
 
 
@@ -125,13 +127,15 @@ def create_train_state(
   Returns:
     the state; pure, so it can be `jax.eval_shape`d or jitted with shardings.
   """
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   if model is None:
-    from ddpm_jax import models  # pylint: disable=g-import-not-at-top
     model = models.create_model(config)
   init_rng, train_rng = jax.random.split(rng)
   if params is None:
-    x, t, y = init_inputs(config)
-    params = model.init({"params": init_rng}, x, t, y)["params"]
+    # Every input the model takes (labels, low-res image), so all params exist.
+    kw = models.init_kwargs(config)
+    args = [kw.pop("x"), kw.pop("t")] + ([kw.pop("y")] if "y" in kw else [])
+    params = model.init({"params": init_rng}, *args, **kw)["params"]
   tx = create_optimizer(config)
   return TrainState(
       step=jnp.zeros((), jnp.int32),

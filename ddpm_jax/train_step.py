@@ -3,6 +3,12 @@
 `make_train_step` closes over the config, the Flax module and the diffusion
 constants and returns `train_step(state, batch) -> (state, metrics)`;
 `jit_train_step` compiles it over a device mesh with the state donated.
+
+Three objectives share the step: the diffusion loss (the default), the same
+for a super-resolution U-Net (`model.low_res_size > 0`: conditioned on the
+area-downsampled, noise-augmented batch, see `super_resolution`), and softmax
+cross-entropy of a noise-aware classifier (`model.name == 'classifier'`) on
+x_t = q_sample(x_0, t, noise) with t ~ U{0..T-1}.
 """
 from typing import Any, Callable, Dict, Optional
 
@@ -46,11 +52,18 @@ def make_train_step(
     every metric is [K]. Metrics per step: 'loss' (mean over the batch),
     'grad_norm' (before clipping), 'param_norm', 'lr' (of this update),
     'loss_q{i}_sum' / 'loss_q{i}_count' for the quartiles i of t (sums so
-    the host can average over a logging window without empty-quartile NaNs).
+    the host can average over a logging window without empty-quartile NaNs),
+    and for classifiers 'accuracy' (fraction of the batch classified right).
   """
+  from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import super_resolution as sr  # pylint: disable=g-import-not-at-top
   if losses_fn is None:
-    from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
     losses_fn = diffusion_lib.training_losses
+  is_classifier = config.model.name == "classifier"
+  low_res_size = int(config.model.get("low_res_size", 0))
+  max_aug_level = (sr.max_aug_level(int(diffusion.num_timesteps),
+                                    float(config.model.get("noise_aug_max", 0.0)))
+                   if low_res_size else 0)
   tx = ts.create_optimizer(config)
   lr_fn = ts.create_learning_rate_fn(config)
   num_timesteps = int(diffusion.num_timesteps)
@@ -72,21 +85,39 @@ def make_train_step(
     t = jax.random.randint(k_t, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     y = None
-    if num_classes > 0:
+    if num_classes > 0 and not is_classifier:
       y = batch["label"].astype(jnp.int32)
       if label_dropout > 0:
         # The id num_classes means "no class" (classifier-free guidance).
         drop = jax.random.bernoulli(k_label, label_dropout, (batch_size,))
         y = jnp.where(drop, num_classes, y)
 
-    def loss_fn(params):
+    cond = {}
+    if low_res_size:
+      # A key of its own (fold_in), so the other draws match non-SR runs.
+      low_res, aug_t = sr.training_condition(
+          diffusion, x0, low_res_size, max_aug_level, jax.random.fold_in(key, 1))
+      cond = {"low_res": low_res, "aug_t": aug_t}
+
+    def diffusion_loss_fn(params):
       def model_fn(x, tt):
         return model.apply({"params": params}, x, tt, y, train=True,
-                           rngs={"dropout": k_dropout})
+                           rngs={"dropout": k_dropout}, **cond)
       losses = losses_fn(diffusion, model_fn, x0, t, noise)["loss"]  # [B]
-      return jnp.mean(losses), losses
+      return jnp.mean(losses), (losses, {})
 
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def classifier_loss_fn(params):
+      labels = batch["label"].astype(jnp.int32)  # [B]
+      x_t = diffusion_lib.q_sample(diffusion, x0, t, noise)
+      logits = model.apply({"params": params}, x_t, t, train=True,
+                           rngs={"dropout": k_dropout})  # [B, K]
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+      return jnp.mean(losses), (losses, {"accuracy": jnp.mean(correct)})
+
+    loss_fn = classifier_loss_fn if is_classifier else diffusion_loss_fn
+    (loss, (losses, extra)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = ts.ema_update(state.ema_params, params, ts.ema_decay(config, state.step))
@@ -95,6 +126,7 @@ def make_train_step(
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(params),
         "lr": jnp.asarray(lr_fn(state.step), jnp.float32),
+        **extra,
     }
     quartile = (t * NUM_QUARTILES) // num_timesteps  # [B] in 0..3
     for i in range(NUM_QUARTILES):

@@ -125,6 +125,8 @@ def _summarise(window: list, batch_size: int, seconds: float, step: int,
   stacked = {k: np.concatenate([np.atleast_1d(m[k]) for m in window]) for k in window[0]}
   n = len(stacked["loss"])
   out = {k: float(np.mean(stacked[k])) for k in ("loss", "grad_norm", "param_norm")}
+  if "accuracy" in stacked:  # classifier runs
+    out["accuracy"] = float(np.mean(stacked["accuracy"]))
   out["lr"] = float(stacked["lr"][-1])
   for i in range(train_step_lib.NUM_QUARTILES):
     count = float(np.sum(stacked[f"loss_q{i}_count"]))
@@ -254,8 +256,16 @@ def train_and_evaluate(
     step_fn = train_step_lib.make_train_step(config, model, diffusion, losses_fn)
     p_train_step = train_step_lib.jit_train_step(step_fn, mesh, shardings, steps_per_call)
     batch_sharding = parallel.batch_sharding(mesh, 1 if steps_per_call > 1 else 0)
-    if sample_fn is None and config.training.sample_every_steps > 0:
+    # A classifier does not generate, and a super-resolution model needs
+    # low-resolution inputs: `python -m ddpm_jax.sample` draws from those.
+    generates = (config.model.name != "classifier"
+                 and not int(config.model.get("low_res_size", 0)))
+    if sample_fn is None and config.training.sample_every_steps > 0 and generates:
       sample_fn = make_sample_fn(config, model, diffusion, mesh)
+    elif sample_fn is None and config.training.sample_every_steps > 0:
+      logging.info("No periodic sample grid for model.name=%r, "
+                   "model.low_res_size=%s.", config.model.name,
+                   config.model.get("low_res_size", 0))
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # not a training key
 
     step = int(jax.device_get(state.step))

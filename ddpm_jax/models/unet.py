@@ -6,8 +6,13 @@ on 32x32x3 images it has the paper's 35,746,307 parameters; with
 
 Extensions over the paper, all off by default: class conditioning (an
 embedding of ``num_classes + 1`` ids added to the timestep embedding, the last
-id meaning "no class" for classifier-free guidance), a compute ``dtype`` such
-as bfloat16 with float32 parameters, and rematerialisation of ResNet blocks.
+id meaning "no class" for classifier-free guidance), super-resolution
+conditioning (``low_res_size > 0``: a low-resolution image, nearest-upsampled
+and concatenated to the input channels, plus an embedding of its
+noise-augmentation level added to the timestep embedding, as in Ho et al.
+2021's cascaded diffusion), a compute ``dtype`` such as bfloat16 with float32
+parameters, and rematerialisation of ResNet blocks. With the extensions off,
+the parameters are exactly the paper's.
 """
 from typing import Any, Optional, Sequence
 
@@ -27,7 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
 def validate_hparams(*, image_size: int, in_ch: int, ch: int, out_ch: int,
                      ch_mult: Sequence[int], num_res_blocks: int,
                      attn_resolutions: Sequence[int], dropout: float,
-                     num_classes: int) -> None:
+                     num_classes: int, low_res_size: int = 0) -> None:
   """Raises ValueError, naming the key, for a U-Net this code cannot build."""
   ch_mult = tuple(ch_mult)
   if not ch_mult or any(int(m) != m or m < 1 for m in ch_mult):
@@ -62,6 +67,12 @@ def validate_hparams(*, image_size: int, in_ch: int, ch: int, out_ch: int,
     raise ValueError(
         f"model.num_classes must be >= 0 (0 = unconditional), got "
         f"{num_classes}")
+  if low_res_size < 0 or (low_res_size > 0 and (
+      low_res_size >= image_size or image_size % low_res_size)):
+    raise ValueError(
+        f"model.low_res_size={low_res_size} must be 0 (no super-resolution) "
+        f"or a proper divisor of data.image_size={image_size}, e.g. "
+        f"{image_size // 2}")
 
 
 class UNet(nn.Module):
@@ -80,6 +91,8 @@ class UNet(nn.Module):
       plain nearest upsampling (False).
     num_classes: 0 for unconditional; N > 0 adds an embedding of N + 1 ids,
       id N meaning "no class".
+    low_res_size: 0, or the side of the low-resolution image a
+      super-resolution model is conditioned on (divides the image size).
     dtype: compute dtype; parameters are float32, the output float32.
     remat: rematerialise ResNet blocks in the backward pass to save memory.
   """
@@ -91,12 +104,14 @@ class UNet(nn.Module):
   dropout: float = 0.1
   resamp_with_conv: bool = True
   num_classes: int = 0
+  low_res_size: int = 0
   dtype: Dtype = jnp.float32
   remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, *, low_res: Optional[jax.Array] = None,
+               aug_t: Optional[jax.Array] = None) -> jax.Array:
     """Predicts the network output (e.g. the noise) for noisy images.
 
     Args:
@@ -108,6 +123,12 @@ class UNet(nn.Module):
         "no class"), or None (= "no class" for all). Must be None when
         ``num_classes == 0``.
       train: enables dropout (needs ``rngs={'dropout': key}`` in apply).
+      low_res: super-resolution models only (required there): float
+        ``[B, low_res_size, low_res_size, C]`` in [-1, 1], upsampled by
+        nearest neighbour to ``[B, H, W, C]`` and concatenated to x.
+      aug_t: super-resolution models only: ``[B]`` (or scalar) noise
+        augmentation levels of ``low_res`` (0 = clean; see
+        ``ddpm_jax.super_resolution``), embedded like t; None means 0.
 
     Returns:
       float32 ``[B, H, W, out_ch]``.
@@ -144,6 +165,13 @@ class UNet(nn.Module):
       raise ValueError(
           "y (class labels) was given but the model is unconditional "
           "(model.num_classes=0); pass y=None or set model.num_classes")
+    if self.low_res_size > 0:
+      x, aug_emb = self._low_res_inputs(x, low_res, aug_t)
+      temb = temb + aug_emb
+    elif low_res is not None or aug_t is not None:
+      raise ValueError(
+          "low_res/aug_t were given but the model is not a super-resolution "
+          "model (model.low_res_size=0)")
 
     # Down path; hs holds every activation the up path concatenates back.
     h = layers.conv3x3(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))
@@ -184,3 +212,41 @@ class UNet(nn.Module):
     # Zero init: the fresh network predicts exactly 0.
     h = layers.conv3x3(self.out_ch, self.dtype, "conv_out", zero_init=True)(h)
     return h.astype(jnp.float32)
+
+  def _low_res_inputs(self, x: jax.Array, low_res: Optional[jax.Array],
+                      aug_t: Optional[jax.Array]
+                      ) -> tuple[jax.Array, jax.Array]:
+    """x with the upsampled low_res concatenated, and the aug-level embedding.
+
+    Returns ([B, H, W, 2C] input, [B, 4ch] embedding); raises ValueError for
+    a missing or wrongly shaped low_res / aug_t.
+    """
+    b, height, width, channels = x.shape
+    size = self.low_res_size
+    expected = (b, size, size, channels)
+    if low_res is None:
+      raise ValueError(
+          f"This super-resolution model (model.low_res_size={size}) needs "
+          f"low_res=[B, {size}, {size}, C] images in [-1, 1]")
+    if tuple(low_res.shape) != expected:
+      raise ValueError(f"low_res must have shape {expected}, got "
+                       f"{tuple(low_res.shape)}")
+    if height % size or width % size:
+      raise ValueError(f"image size {height}x{width} is not a multiple of "
+                       f"low_res_size={size}")
+    # Nearest upsampling as repeats (cheap, fuses); its area-downsampling is
+    # exactly low_res, so the network sees the conditioning unblurred.
+    up = jnp.repeat(jnp.repeat(low_res, height // size, axis=1),
+                    width // size, axis=2)
+    x = jnp.concatenate([x, up.astype(x.dtype)], axis=-1)
+    aug_t = jnp.zeros((b,), jnp.int32) if aug_t is None else jnp.asarray(aug_t)
+    if aug_t.ndim == 0:
+      aug_t = jnp.broadcast_to(aug_t, (b,))
+    if aug_t.shape != (b,):
+      raise ValueError(f"aug_t must have shape [B]=({b},) or be a scalar, got "
+                       f"{aug_t.shape}")
+    emb = layers.timestep_embedding(aug_t, self.ch)
+    emb = nn.Dense(4 * self.ch, dtype=self.dtype, name="aug_dense_0")(emb)
+    emb = nn.Dense(4 * self.ch, dtype=self.dtype, name="aug_dense_1")(
+        nn.swish(emb))
+    return x, emb

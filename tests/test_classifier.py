@@ -1,0 +1,177 @@
+"""The noise-aware classifier: architecture, validation, training, checkpoints."""
+import os
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits_classifier
+from ddpm_jax import checkpointing
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import models
+from ddpm_jax import trainer
+from ddpm_jax.data import digits as digits_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _init(config, batch=2, abstract=False):
+  """(model, params): random numpy params, or shapes only when `abstract`.
+
+  Every leaf gets N(0, 0.1^2) values (GroupNorm scales 1 + that), so no part
+  of the network is zero as in the real initialisation and the checks below
+  are not vacuous; no init program is compiled (that takes ~15 s here).
+  """
+  model = models.create_model(config)
+  init = lambda kw: model.init({"params": jax.random.key(0)}, **kw)  # noqa: E731
+  shapes = jax.eval_shape(init, models.init_kwargs(config, batch))["params"]
+  if abstract:
+    return model, shapes
+  rng = np.random.default_rng(0)
+  flat = flax.traverse_util.flatten_dict(shapes)
+  return model, flax.traverse_util.unflatten_dict({
+      k: jnp.asarray((k[-1] == "scale") + 0.1 * rng.normal(size=v.shape),
+                     jnp.float32) for k, v in flat.items()})
+
+
+def test_create_model_gives_classifier_logits():
+  config = digits_classifier.get_config("test")
+  model, params = _init(config)
+  assert isinstance(model, models.Classifier)
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+  t = jnp.array([0, 50, 99], jnp.int32)
+  apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  logits = apply(params, x, t)
+  assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(logits)))
+  # Noise-aware: the same image at another t gets other logits.
+  other = apply(params, x, jnp.array([99, 0, 50], jnp.int32))
+  assert np.max(np.abs(np.asarray(other) - np.asarray(logits))) > 1e-4
+
+
+def test_head_is_dense_of_global_average_pool():
+  # Recompute the head in float64 numpy from the captured swish(GroupNorm)
+  # features: logits = mean_{H,W}(features) @ W + b.
+  config = digits_classifier.get_config("test")
+  model, params = _init(config)
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+  t = jnp.array([3, 70], jnp.int32)
+  logits, state = jax.jit(lambda p: model.apply(
+      {"params": p}, x, t,
+      capture_intermediates=lambda mdl, _: mdl.name == "norm_out",
+      mutable=["intermediates"]))(params)
+  normed = np.asarray(state["intermediates"]["norm_out"]["__call__"][0],
+                      np.float64)
+  feats = normed / (1.0 + np.exp(-normed))  # swish
+  pooled = feats.mean(axis=(1, 2))
+  w = np.asarray(params["head"]["kernel"], np.float64)
+  b = np.asarray(params["head"]["bias"], np.float64)
+  np.testing.assert_allclose(np.asarray(logits), pooled @ w + b, atol=1e-5)
+
+
+def test_encoder_parameters_match_the_unet_down_path():
+  # Same blocks and names as the U-Net's down path and middle, so the
+  # encoder is the U-Net's (and could be initialised from one).
+  config = digits_classifier.get_config("test")
+  _, cls_params = _init(config, abstract=True)
+  unet_config = digits_classifier.get_config("test")
+  unet_config.model.name = "unet"
+  unet_config.model.num_classes = 0
+  _, unet_params = _init(unet_config, abstract=True)
+  cls_shapes = {k: v.shape for k, v in
+                flax.traverse_util.flatten_dict(cls_params).items()
+                if k[0] not in ("head", "norm_out")}
+  unet_shapes = {k: v.shape for k, v in
+                 flax.traverse_util.flatten_dict(unet_params).items()}
+  for k, shape in cls_shapes.items():
+    assert unet_shapes[k] == shape, k
+  assert {k[0] for k in cls_shapes} == {
+      k[0] for k in unet_shapes
+      if not k[0].startswith("up_") and k[0] not in ("conv_out", "norm_out")}
+
+
+@pytest.mark.parametrize("num_classes", [0, 1, -3])
+def test_bad_num_classes(num_classes):
+  config = digits_classifier.get_config("test")
+  config.model.num_classes = num_classes
+  with pytest.raises(ValueError, match="model.num_classes.*>= 2"):
+    models.create_model(config)
+
+
+def test_num_classes_must_match_the_data():
+  config = digits_classifier.get_config("test")
+  config.model.num_classes = 5
+  with pytest.raises(ValueError, match="data.num_classes=10"):
+    models.create_model(config)
+
+
+def test_classifier_rejects_a_class_label_argument():
+  config = digits_classifier.get_config("test")
+  model, params = _init(config, abstract=True)
+  x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(TypeError, match="positional"):
+    jax.eval_shape(lambda p: model.apply({"params": p}, x, t,
+                                         jnp.zeros((2,), jnp.int32)), params)
+
+
+def _test_digits():
+  images, labels = digits_data.load_digits_uint8("test")
+  return images.astype(np.float32) / 127.5 - 1.0, labels
+
+
+def _accuracy(model, params, d, x0, labels, t_value, seed):
+  t = jnp.full((x0.shape[0],), t_value, jnp.int32)
+  noise = jax.random.normal(jax.random.key(seed), x0.shape)
+  x_t = diffusion_lib.q_sample(d, jnp.asarray(x0), t, noise)
+  logits = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))(
+      params, x_t, t)
+  return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+
+
+def test_trained_classifier_is_accurate_and_noise_aware(tmp_path):
+  # ~300 updates of the digits classifier (a minute on 2 loaded cores).
+  config = digits_classifier.get_config()
+  config.model.num_res_blocks = 1
+  config.training.batch_size = 64
+  config.training.num_train_steps = 300
+  config.training.checkpoint_every_steps = 300
+  config.training.log_every_steps = 100
+  config.optim.lr = 2e-3
+  config.optim.warmup_steps = 20
+  config.optim.ema_decay = 0.99
+  workdir = str(tmp_path / "cls")
+  trainer.train_and_evaluate(config, workdir)
+
+  loaded_config, params, step = checkpointing.load_params(workdir)
+  assert step == 300 and loaded_config.model.name == "classifier"
+  model = models.create_model(loaded_config)
+  d = models.create_diffusion(loaded_config)
+  x0, labels = _test_digits()  # 297 held-out digits, 27..33 per class
+  clean = _accuracy(model, params, d, x0, labels, 10, seed=0)
+  noisy = _accuracy(model, params, d, x0, labels, 950, seed=1)
+  print(f"classifier accuracy on test digits: t=10 {clean:.3f}, "
+        f"t=950 {noisy:.3f}")
+  # Chance is 0.1; at t = 950 (abar ~ 5e-5) the image is nearly pure noise.
+  assert clean > 0.6, clean
+  assert noisy < clean - 0.3, (clean, noisy)
+
+
+def test_train_cli_trains_and_checkpoints_a_classifier(tmp_path):
+  workdir = tmp_path / "cls"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  r = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.train", "--config",
+       "configs/digits_classifier.py:test", "--workdir", str(workdir)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  config, params, step = checkpointing.load_params(str(workdir))
+  assert step == 4 and config.model.name == "classifier"
+  assert params["head"]["kernel"].shape == (32 * 2, 10)
+  assert not (workdir / "samples").exists()
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert '"accuracy"' in lines[-1]
