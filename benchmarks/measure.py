@@ -32,6 +32,18 @@ def timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
+def timed_wall_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process, all threads) of `fn()`.
+
+  On a shared machine wall time includes the time other processes held the
+  cores; with one compute thread per side the CPU time does not, so it is the
+  steadier measure there. With several threads it also counts spin-waiting.
+  """
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def summary(values: Sequence[float]) -> dict:
   """min / median / max of a list of repeats."""
   values = list(values)

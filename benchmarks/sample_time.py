@@ -49,7 +49,7 @@ def _ours(config, sampler: str, steps: Optional[int], batch_size: int, measured:
   holder = {}
   compile_s = measure.timed(lambda: holder.setdefault("c", chain.lower(*args).compile()))
   compiled = holder["c"]
-  timer = lambda: measure.timed(lambda: compiled(*args).block_until_ready())
+  timer = lambda: measure.timed_wall_cpu(lambda: compiled(*args).block_until_ready())
   timer()  # warm-up
   return timer, num, measured, compile_s
 
@@ -61,7 +61,7 @@ def _theirs(unet, config, sampler: str, steps: Optional[int], batch_size: int,
                                            num_inference_steps=steps, seed=seed)
   x = init()
   part = timesteps[:measured]
-  timer = lambda: measure.timed(lambda: run(x, part))
+  timer = lambda: measure.timed_wall_cpu(lambda: run(x, part))
   timer()  # warm-up
   return timer, len(timesteps), len(part)
 
@@ -75,9 +75,10 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
   Returns:
     dict with `machine`, `setup` and per sampler ('ancestral', 'ddim{K}') a
     dict: `steps`, `measured_steps`, `ours` / `theirs` with `step_s` (summary
-    over repeats of seconds per step of one batch) and `total_s` (the
-    extrapolated seconds for `num_samples`), and `ratio` (theirs/ours time,
-    > 1: we are faster).
+    over repeats of wall seconds per step of one batch), `step_cpu_s` (CPU
+    seconds, all threads) and `total_s` (the extrapolated wall seconds for
+    `num_samples`), and `ratio` / `ratio_cpu_time` (theirs/ours time, > 1: we
+    are faster).
   """
   if compare not in COMPARE:
     raise ValueError(f"--compare must be one of {COMPARE}, got {compare!r}.")
@@ -116,19 +117,24 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
                              f"timed), ours {num} ({measured}).")
       sides["theirs"] = theirs
     step_times = {name: [] for name in sides}
+    step_cpu = {name: [] for name in sides}
     for _ in range(repeats):
       for name, timer in sides.items():  # interleaved: ours, theirs, ours, ...
-        step_times[name].append(timer() / measured)
+        wall, cpu = timer()
+        step_times[name].append(wall / measured)
+        step_cpu[name].append(cpu / measured)
     entry: dict[str, Any] = dict(steps=num, measured_steps=measured,
                                  extrapolated=measured < num or num_batches > 1,
                                  ours_compile_s=compile_s)
     for name, values in step_times.items():
       per_step = measure.summary(values)
-      entry[name] = dict(step_s=per_step,
+      entry[name] = dict(step_s=per_step, step_cpu_s=measure.summary(step_cpu[name]),
                          total_s=per_step["median"] * num * num_batches)
     if "theirs" in step_times:
       entry["ratio"] = measure.summary(
           [b / a for a, b in zip(step_times["ours"], step_times["theirs"])])
+      entry["ratio_cpu_time"] = measure.summary(
+          [b / a for a, b in zip(step_cpu["ours"], step_cpu["theirs"])])
     result[label] = entry
     how = (f"extrapolated from {measured} of {num} steps on 1 of {num_batches} batch(es)"
            if entry["extrapolated"] else "measured")
@@ -137,7 +143,8 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
       log(f"  {name:<7} {entry[name]['total_s']:.1f} s total; per batch step "
           f"{measure.fmt(entry[name]['step_s'])} s")
     if "ratio" in entry:
-      log(f"  ours/theirs speed: {measure.fmt(entry['ratio'])}")
+      log(f"  ours/theirs speed: {measure.fmt(entry['ratio'])}; from CPU seconds "
+          f"{measure.fmt(entry['ratio_cpu_time'])}")
   result["peak_memory"] = measure.peak_memory()
   return result
 

@@ -118,8 +118,8 @@ class Ours:
     # Warm-up (excluded from timings): first calls allocate and page in.
     self.train(1), self.sample(), self.forward()
 
-  def train(self, iters: int) -> float:
-    """Seconds for `iters` train steps (dispatched back to back, then blocked)."""
+  def train(self, iters: int) -> tuple[float, float]:
+    """(wall, CPU) seconds for `iters` train steps (dispatched back to back, then blocked)."""
     def run():
       metrics = None
       for _ in range(iters):
@@ -127,13 +127,13 @@ class Ours:
       loss = float(metrics["loss"])
       if not np.isfinite(loss):
         raise FloatingPointError(f"train step loss is {loss}")
-    return measure.timed(run)
+    return measure.timed_wall_cpu(run)
 
-  def sample(self) -> float:
-    return measure.timed(lambda: self._chain(*self._chain_args).block_until_ready())
+  def sample(self) -> tuple[float, float]:
+    return measure.timed_wall_cpu(lambda: self._chain(*self._chain_args).block_until_ready())
 
-  def forward(self) -> float:
-    return measure.timed(lambda: self._fwd(*self._fwd_args).block_until_ready())
+  def forward(self) -> tuple[float, float]:
+    return measure.timed_wall_cpu(lambda: self._fwd(*self._fwd_args).block_until_ready())
 
 
 class Theirs:
@@ -155,19 +155,19 @@ class Theirs:
     # state and caches and run several times slower than later ones.
     self.train(2), self.sample(), self.forward()
 
-  def train(self, iters: int) -> float:
+  def train(self, iters: int) -> tuple[float, float]:
     def run():
       for _ in range(iters):
         loss = self._train()
       if not np.isfinite(loss):
         raise FloatingPointError(f"peer train step loss is {loss}")
-    return measure.timed(run)
+    return measure.timed_wall_cpu(run)
 
-  def sample(self) -> float:
-    return measure.timed(lambda: self._run(self._x, self._timesteps))
+  def sample(self) -> tuple[float, float]:
+    return measure.timed_wall_cpu(lambda: self._run(self._x, self._timesteps))
 
-  def forward(self) -> float:
-    return measure.timed(self._fwd)
+  def forward(self) -> tuple[float, float]:
+    return measure.timed_wall_cpu(self._fwd)
 
 
 def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int = 2,
@@ -216,6 +216,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
                            f"{theirs.num_params:,}.")
 
   times = {k: {"ours": [], "theirs": []} for k in ("train", "sample", "forward")}
+  cpu_times = {k: {"ours": [], "theirs": []} for k in times}
   matmul_gflops = []
   for r in range(repeats):
     # The peak is re-measured beside the forward passes it is compared with,
@@ -224,8 +225,10 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
     for kind, args in (("train", (train_iters,)), ("sample", ()), ("forward", ())):
       for name, side in (("ours", ours), ("theirs", theirs)):
         if side is not None:
-          times[kind][name].append(getattr(side, kind)(*args))
-    log(f"repeat {r + 1}/{repeats}: matmul {matmul_gflops[-1]:.1f} GFLOP/s, " + ", ".join(
+          wall, cpu = getattr(side, kind)(*args)
+          times[kind][name].append(wall)
+          cpu_times[kind][name].append(cpu)
+    log(f"repeat {r + 1}/{repeats}: matmul {matmul_gflops[-1]:.1f} GFLOP/s, wall " + ", ".join(
         f"{k} {v['ours'][-1]:.3f} s" + (f" (theirs {v['theirs'][-1]:.3f} s)" if theirs else "")
         for k, v in times.items()))
 
@@ -237,6 +240,10 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
         sample_evals_per_s=measure.summary(
             [batch_size * sample_steps / s for s in t["sample"][name]]),
         forward_s=measure.summary(t["forward"][name]),
+        cpu_s=dict(train_step=measure.summary([c / train_iters for c in cpu_times["train"][name]]),
+                   sample_step=measure.summary([c / sample_steps
+                                                for c in cpu_times["sample"][name]]),
+                   forward=measure.summary(cpu_times["forward"][name])),
     )
     if ours.forward_flops:
       out["forward_gflops"] = measure.summary(
@@ -264,6 +271,10 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
     # Higher is better for all three: ours/theirs throughput per repeat.
     result["ratio"] = {
         kind: measure.summary([b / a for a, b in zip(times[kind]["ours"], times[kind]["theirs"])])
+        for kind in times}
+    result["ratio_cpu_time"] = {
+        kind: measure.summary([b / a for a, b in zip(cpu_times[kind]["ours"],
+                                                     cpu_times[kind]["theirs"])])
         for kind in times}
   result["peak_memory"] = measure.peak_memory()
   result["load_average_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
@@ -302,6 +313,9 @@ def report(result: dict, log=print) -> None:
       log(f"forward GFLOP/s:        {measure.fmt(t['forward_gflops'])} (same FLOP count)")
     log("== ours / theirs (throughput ratio per repeat; > 1: we are faster)")
     for kind, s in result["ratio"].items():
+      log(f"{kind + ':':<24}{measure.fmt(s)}")
+    log("== the same from CPU seconds (all threads; steadier under load with 1 thread each)")
+    for kind, s in result["ratio_cpu_time"].items():
       log(f"{kind + ':':<24}{measure.fmt(s)}")
 
 

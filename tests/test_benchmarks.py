@@ -63,6 +63,10 @@ def test_throughput_smoke():
     assert "train_images_per_s" in side and "sample_evals_per_s" in side
   for kind in ("train", "sample", "forward"):
     check_summary(result["ratio"][kind])
+    check_summary(result["ratio_cpu_time"][kind])
+  for side in (ours, theirs):
+    for s in side["cpu_s"].values():
+      check_summary(s)
   check_summary(result["matmul_gflops"])
   assert finite_positive(ours["forward_gflop"])
   # A train step costs more than a forward pass (backward, optimiser).
@@ -84,10 +88,12 @@ def test_sample_time_smoke():
     assert entry["steps"] == steps and entry["measured_steps"] == 2 and entry["extrapolated"]
     for side in ("ours", "theirs"):
       check_summary(entry[side]["step_s"])
+      check_summary(entry[side]["step_cpu_s"])
       # 2 batches of the full chain, extrapolated from the median step time.
       assert entry[side]["total_s"] == pytest.approx(
           entry[side]["step_s"]["median"] * steps * 2)
     check_summary(entry["ratio"])
+    check_summary(entry["ratio_cpu_time"])
   assert any("extrapolated from 2 of 20 steps" in line for line in lines)
 
 
