@@ -173,14 +173,17 @@ class Theirs:
 def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int = 2,
                   sample_steps: int = 4, compare: str = "none",
                   torch_threads: Optional[int] = None, seed: int = 0,
-                  matmul_size: Optional[int] = None, log=print) -> dict[str, Any]:
+                  matmul_size: Optional[int] = None, peak_tflops: Optional[float] = None,
+                  log=print) -> dict[str, Any]:
   """Runs the interleaved measurements; returns every number (see module doc).
 
   Returns:
     dict with `machine`, `config` (a summary), `matmul_gflops`, `ours` and
     (with compare) `theirs` and `ratio`; every timing entry is a summary
     dict(min, median, max, n) over the repeats. `matmul_size` overrides the
-    size of the peak-matmul probe (see `measure.matmul_peak_gflops`).
+    size of the peak-matmul probe (see `measure.matmul_peak_gflops`);
+    `peak_tflops`, the chip's nominal peak for the dtype (e.g. 989 for an
+    H100 SXM in bfloat16), adds the train step's model FLOP utilisation.
   """
   if compare not in COMPARE:
     raise ValueError(f"--compare must be one of {COMPARE}, got {compare!r}.")
@@ -197,7 +200,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   result: dict[str, Any] = dict(
       machine=measure.machine_info(),
       setup=dict(batch_size=batch_size, repeats=repeats, train_iters=train_iters,
-                 sample_steps=sample_steps, dtype=config.model.dtype,
+                 sample_steps=sample_steps, dtype=config.model.dtype, peak_tflops=peak_tflops,
                  image_size=int(config.data.image_size), channels=int(config.data.channels),
                  ch=int(config.model.ch), ch_mult=list(config.model.ch_mult)))
   log(f"machine: {result['machine']}")
@@ -255,6 +258,12 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
     if ours.train_flops:
       out["train_gflops"] = measure.summary(
           [ours.train_flops * train_iters / s / 1e9 for s in t["train"][name]])
+      out["train_fraction_of_matmul"] = measure.summary(
+          [ours.train_flops * train_iters / s / 1e9 / m
+           for s, m in zip(t["train"][name], matmul_gflops)])
+      if peak_tflops:
+        out["train_mfu"] = measure.summary(
+            [ours.train_flops * train_iters / s / 1e12 / peak_tflops for s in t["train"][name]])
     return out
 
   result["matmul_gflops"] = measure.summary(matmul_gflops)
@@ -298,6 +307,10 @@ def report(result: dict, log=print) -> None:
   if "train_gflops" in o:
     log(f"train GFLOP/s:          {measure.fmt(o['train_gflops'])} "
         f"({o['train_step_gflop']:.2f} GFLOP per step)")
+    log(f"train / matmul peak:    {measure.fmt(o['train_fraction_of_matmul'])}")
+  if "train_mfu" in o:
+    log(f"train MFU:              {measure.fmt(o['train_mfu'])} (of {result['setup']['peak_tflops']} "
+        "TFLOP/s nominal)")
   log(f"compile s:              " + ", ".join(f"{k} {v:.1f}" for k, v in o["compile_s"].items()))
   log("XLA program memory:     " + ", ".join(
       f"{k} {v / 2**20:.0f} MiB" for k, v in o["program_bytes"].items() if v))
@@ -338,7 +351,12 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--sample_steps", type=int, default=4,
                       help="ancestral steps per timed sampling chunk")
   parser.add_argument("--quick", action="store_true",
-                      help="smoke test: 1 repeat, 1 train step, 2 sampling steps")
+                      help="smoke test: 1 repeat, 1 train step, 2 sampling steps (well under "
+                      "a minute with --config configs/digits.py:test; the CIFAR-10 train "
+                      "step alone compiles in ~1 min on 2 cores)")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="the chip's nominal peak TFLOP/s for --dtype, for the train MFU "
+                      "(e.g. 989 for an H100 SXM in bfloat16)")
   parser.add_argument("--json", default=None, help="also write every number to this file")
   args = parser.parse_args(argv)
   if args.quick:
@@ -349,7 +367,8 @@ def main(argv: Optional[list[str]] = None) -> int:
       config.model.dtype = args.dtype
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
-                           compare=args.compare, torch_threads=args.torch_threads)
+                           compare=args.compare, torch_threads=args.torch_threads,
+                           peak_tflops=args.peak_tflops)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

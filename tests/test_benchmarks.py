@@ -57,7 +57,7 @@ def test_throughput_smoke():
   assert ours["num_params"] == theirs["num_params"] > 0
   for side in (ours, theirs):
     for key in ("train_images_per_s", "sample_evals_per_s", "forward_gflops",
-                "forward_fraction_of_matmul", "train_gflops"):
+                "forward_fraction_of_matmul", "train_gflops", "train_fraction_of_matmul"):
       if key in side:
         check_summary(side[key])
     assert "train_images_per_s" in side and "sample_evals_per_s" in side
