@@ -14,6 +14,8 @@ from configs import digits_classifier
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import models
+from ddpm_jax import train_state as ts
+from ddpm_jax import train_step as step_lib
 from ddpm_jax.data import digits as digits_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,3 +168,44 @@ def test_train_cli_classifier_is_accurate_and_noise_aware(tmp_path):
   # abar ~ 5e-5 and the image is nearly pure noise).
   assert clean > 0.6, clean
   assert noisy < clean - 0.3, (clean, noisy)
+
+
+def test_train_step_is_cross_entropy_on_noised_images():
+  # A linear classifier records what the step feeds it; the step's loss and
+  # accuracy must be the float64 cross-entropy / accuracy of those inputs,
+  # and the inputs x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with eps
+  # standard normal and no class label passed.
+  seen = {}
+
+  class Recorder(flax.linen.Module):
+    @flax.linen.compact
+    def __call__(self, x, t, *, train=False):
+      jax.debug.callback(lambda a, b: seen.update(x=np.asarray(a),
+                                                  t=np.asarray(b)), x, t)
+      return flax.linen.Dense(10)(x.reshape(x.shape[0], -1))
+
+  config = digits_classifier.get_config("test")  # T = 100
+  d = models.create_diffusion(config)
+  model = Recorder()
+  state = ts.create_train_state(config, jax.random.PRNGKey(0), model)
+  step = jax.jit(step_lib.make_train_step(config, model, d))
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(-1, 1, (256, 8, 8, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, 256).astype(np.int32)
+  _, metrics = step(state, {"image": x0, "label": labels})
+  jax.effects_barrier()  # the recording callback has run
+
+  w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+  b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+  logits = seen["x"].reshape(256, -1).astype(np.float64) @ w + b
+  logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + (
+      logits.max(1))
+  ce = np.mean(logz - logits[np.arange(256), labels])
+  np.testing.assert_allclose(float(metrics["loss"]), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["accuracy"]),
+                             np.mean(logits.argmax(1) == labels), atol=1e-7)
+  abar = np.asarray(d.alphas_cumprod, np.float64)[seen["t"]][:, None, None, None]
+  eps = (seen["x"] - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+  assert abs(eps.mean()) < 0.03 and abs(eps.std() - 1) < 0.03
+  assert seen["t"].min() >= 0 and seen["t"].max() < 100
+  assert len(np.unique(seen["t"])) > 50  # t ~ U{0..99}

@@ -11,6 +11,8 @@ from ddpm_jax import models
 from ddpm_jax import sampling
 from ddpm_jax import schedules
 from ddpm_jax import super_resolution as sr
+from ddpm_jax import train_state as ts
+from ddpm_jax import train_step as step_lib
 from ddpm_jax import trainer
 from ddpm_jax.data import digits as digits_data
 
@@ -298,8 +300,7 @@ def _digits_16(split):
 def test_trained_upsampler_output_downsamples_to_its_low_res_input(tmp_path):
   # Minutes on 2 CPU cores: the default run has the oracle check above.
   steps = 600
-  config = digits_sr.get_config()
-  config.diffusion.num_timesteps = 200  # fewer levels: faster to learn
+  config = digits_sr.get_config()  # T = 1000, augmentation up to 0.2 T
   config.model.num_res_blocks = 1
   config.training.batch_size = 32
   config.training.num_train_steps = steps
@@ -320,10 +321,13 @@ def test_trained_upsampler_output_downsamples_to_its_low_res_input(tmp_path):
 
   @jax.jit
   def sample(lr, rng):
+    # The augmentation refers to the training process d; DDIM runs on 50
+    # respaced steps of it.
     model_fn = sr.make_model_fn(
         lambda x, t, l, s: model.apply({"params": params}, x, t, low_res=l,
                                        aug_t=s), d, lr)
-    return sampling.ddim_sample_loop(d, model_fn, hi.shape, rng)
+    return sampling.ddim_sample_loop(sampling.respace(d, 50)[0], model_fn,
+                                     hi.shape, rng)
 
   out = np.asarray(sample(jnp.asarray(lr), jax.random.key(0)))
   down = np.asarray(sr.downsample_area(jnp.asarray(out), 8))
@@ -333,3 +337,39 @@ def test_trained_upsampler_output_downsamples_to_its_low_res_input(tmp_path):
         f"vs another digit {err_other:.4f}")
   assert err < 0.5 * err_other, (err, err_other)
   assert err < 0.1, err
+
+
+def test_train_step_conditions_on_the_augmented_area_downsampled_batch():
+  # A recording network: the step must pass low_res = the area-downsampled
+  # batch, corrupted by q to the level aug_t ~ U{0..floor(0.5 T)} (0: clean).
+  seen = {}
+
+  class Recorder(flax.linen.Module):
+    @flax.linen.compact
+    def __call__(self, x, t, y=None, train=False, *, low_res=None, aug_t=None):
+      jax.debug.callback(lambda a, b: seen.update(low_res=np.asarray(a),
+                                                  aug_t=np.asarray(b)),
+                         low_res, aug_t)
+      return flax.linen.Conv(x.shape[-1], (1, 1))(x)
+
+  config = digits_sr.get_config("test")  # T = 100
+  config.model.noise_aug_max = 0.5
+  d = models.create_diffusion(config)
+  model = Recorder()
+  state = ts.create_train_state(config, jax.random.PRNGKey(0), model)
+  step = jax.jit(step_lib.make_train_step(config, model, d))
+  x0 = np.random.default_rng(0).uniform(-1, 1, (256, 16, 16, 1))
+  step(state, {"image": x0.astype(np.float32),
+               "label": np.zeros(256, np.int32)})
+  jax.effects_barrier()  # the recording callback has run
+
+  s = seen["aug_t"]
+  assert s.min() == 0 and s.max() == 50 and len(np.unique(s)) > 30
+  down = x0.reshape(256, 8, 2, 8, 2, 1).mean(axis=(2, 4))
+  abar = np.concatenate([[1.0], np.cumprod(
+      1 - schedules.get_beta_schedule("linear", 100))])[s][:, None, None, None]
+  np.testing.assert_allclose(seen["low_res"][s == 0], down[s == 0], atol=1e-6)
+  noisy = s > 0
+  eps = ((seen["low_res"][noisy] - np.sqrt(abar[noisy]) * down[noisy])
+         / np.sqrt(1 - abar[noisy]))
+  assert abs(eps.mean()) < 0.03 and abs(eps.std() - 1) < 0.03
