@@ -21,6 +21,7 @@ from ddpm_jax import image_grid
 from ddpm_jax import models
 from ddpm_jax import parallel
 from ddpm_jax import sampling
+from ddpm_jax import super_resolution as sr
 from ddpm_jax.diffusion import GaussianDiffusion
 
 # A chain is cut into about this many compiled chunks for the progress bar.
@@ -75,9 +76,15 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
   return sampling.respace(d, options.steps)[0]
 
 
-def example_keys(seed: int, start: int, count: int) -> np.ndarray:
-  """Raw uint32 keys `[count, 2]` of examples start .. start + count - 1."""
+def example_keys(seed: int, start: int, count: int, stream: int = 0) -> np.ndarray:
+  """Raw uint32 keys `[count, 2]` of examples start .. start + count - 1.
+
+  `stream` > 0 gives independent keys for a later stage of the same samples
+  (e.g. the super-resolution stage of a cascade).
+  """
   root = jax.random.PRNGKey(seed)
+  if stream:
+    root = jax.random.fold_in(root, 2**31 + stream)  # no example index is that large
   idx = jnp.arange(start, start + count, dtype=jnp.uint32)
   return np.asarray(jax.vmap(lambda i: jax.random.fold_in(root, i))(idx))
 
@@ -93,16 +100,19 @@ def random_labels(keys: np.ndarray, num_classes: int) -> np.ndarray:
 
 def make_chain_fn(model: Any, num_classes: int, options: SamplerOptions,
                   classifier: Any = None) -> Callable:
-  """jitted `run(params, cls_params, d, x, keys, y, known, mask, t_start, t_end)`.
+  """jitted `run(params, cls_params, d, x, keys, y, known, mask, low_res, t_start, t_end)`.
 
-  Runs one chunk of a chain; `cls_params`, `y`, `known` and `mask` may be
+  Runs one chunk of a chain; `cls_params`, `y`, `known`, `mask` and
+  `low_res` (a dict of the super-resolution inputs `low_res`, `aug_t`) may be
   None when unused.
   """
 
-  def run(params, cls_params, d, x, keys, y, known, mask, t_start, t_end):
+  def run(params, cls_params, d, x, keys, y, known, mask, low_res, t_start,
+          t_end):
     # An unconditional model ignores labels (they may steer a classifier).
+    cond = {} if low_res is None else low_res  # super-resolution inputs
     apply_fn = lambda x, t, y: model.apply({"params": params}, x, t,
-                                           y if num_classes else None)
+                                           y if num_classes else None, **cond)
     if options.guidance_scale > 0:
       model_fn = sampling.classifier_free_guidance(
           apply_fn, y, num_classes, options.guidance_scale)
@@ -120,6 +130,15 @@ def make_chain_fn(model: Any, num_classes: int, options: SamplerOptions,
         resample=options.resample if known is not None else 1)
 
   return jax.jit(run)
+
+
+def augment_low_res(d_train: GaussianDiffusion, low_res: np.ndarray, keys: np.ndarray,
+                    aug_level: int) -> np.ndarray:
+  """Noise-augments each low-resolution input with noise from its example's key."""
+  noise = jax.vmap(lambda k, x: jax.random.normal(
+      jax.random.fold_in(k, 2**31 + 1), x.shape))(jnp.asarray(keys), jnp.asarray(low_res))
+  aug_t = jnp.full((low_res.shape[0],), aug_level, jnp.int32)
+  return np.asarray(sr.augment(d_train, jnp.asarray(low_res), aug_t, noise))
 
 
 def _check_classifier(config, classifier_config) -> int:
@@ -150,7 +169,8 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
              known: Optional[np.ndarray] = None,
              known_mask: Optional[np.ndarray] = None,
              classifier: Optional[tuple[ml_collections.ConfigDict, Any]] = None,
-             progress: bool = True) -> dict[str, Any]:
+             low_res: Optional[np.ndarray] = None, aug_level: int = 0,
+             stream: int = 0, progress: bool = True) -> dict[str, Any]:
   """Draws `num_samples` images from the model of `config` with `params`.
 
   Args:
@@ -167,6 +187,11 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
       or `[H, W, C]` in {0, 1} (1 = keep the known pixel), shared by all N.
     classifier: (config, params) of a noise-aware classifier run, for
       classifier guidance with `options.classifier_scale`.
+    low_res: a super-resolution model's inputs, float `[N, s, s, C]` in
+      [-1, 1] (e.g. a first stage's samples): sample i upsamples low_res[i].
+    aug_level: the noise-augmentation level applied to `low_res` (0: clean;
+      the noise comes from each example's key).
+    stream: see `example_keys`; 0 for a first (or only) stage.
     progress: show a progress bar over all steps of all batches.
 
   Returns:
@@ -199,6 +224,22 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
           "[H, W, C]).")
   elif options.resample > 1:
     raise ValueError("resample > 1 is for inpainting only.")
+  low_res_size = int(config.model.get("low_res_size", 0))
+  if (low_res is None) != (low_res_size == 0):
+    raise ValueError(
+        f"This model has model.low_res_size={low_res_size}: "
+        + ("it is a super-resolution model and needs low-resolution inputs "
+           "(--upsampler_workdir takes it as the second stage)." if low_res_size
+           else "it takes no low-resolution inputs."))
+  if low_res is not None:
+    low_res = np.asarray(low_res, np.float32)
+    want = (num_samples, low_res_size, low_res_size, config.data.channels)
+    if low_res.shape != want:
+      raise ValueError(f"The low-resolution inputs have shape {low_res.shape}; "
+                       f"this super-resolution model needs {want}.")
+    if not 0 <= aug_level <= config.diffusion.num_timesteps:
+      raise ValueError(f"aug_level must lie in 0..{config.diffusion.num_timesteps},"
+                       f" got {aug_level}.")
   if labels is not None:
     labels = np.asarray(labels, np.int32)
     if num_classes == 0:
@@ -239,7 +280,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
   out_images, out_labels = [], []
   start_time = time.perf_counter()
   for b in range(num_batches):
-    keys = example_keys(seed, b * batch_size, batch_size)
+    keys = example_keys(seed, b * batch_size, batch_size, stream)
     if num_classes:
       y = (random_labels(keys, num_classes) if labels is None else np.resize(
           labels[b * batch_size:(b + 1) * batch_size], batch_size))
@@ -247,11 +288,20 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
       y = to_global(y)
     else:
       y = None
+    batch_low_res = None
+    if low_res is not None:
+      lr = np.resize(low_res[b * batch_size:(b + 1) * batch_size],
+                     (batch_size,) + low_res.shape[1:])
+      if aug_level:
+        lr = augment_low_res(models.create_diffusion(config), lr, keys, aug_level)
+      batch_low_res = {"low_res": to_global(lr), "aug_t": to_global(
+          np.full((batch_size,), aug_level, np.int32))}
     keys = to_global(keys)
     x = prior(d, keys)
     for hi in range(steps, 0, -chunk):
       lo = max(hi - chunk, 0)
-      x = run(params, cls_params, d, x, keys, y, batch_known, batch_mask, hi, lo)
+      x = run(params, cls_params, d, x, keys, y, batch_known, batch_mask,
+              batch_low_res, hi, lo)
       x.block_until_ready()
       bar.update(hi - lo)
     if jax.process_count() > 1:

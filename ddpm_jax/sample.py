@@ -54,6 +54,13 @@ flags.DEFINE_string("mask", None, "Inpainting mask: white = keep, black = fill."
 flags.DEFINE_string("outpaint", None, "Outpainting: a smaller image, centred on the "
                     "canvas; the border is filled.")
 flags.DEFINE_integer("resample", 1, "RePaint resampling per step (inpainting).")
+flags.DEFINE_string("upsampler_workdir", None,
+                    "A super-resolution run (e.g. configs/digits_sr.py) whose "
+                    "low-resolution size is this model's image size: a second "
+                    "stage upsamples every sample (cascaded diffusion).")
+flags.DEFINE_string("upsampler_steps", None, "The second stage's --steps.")
+flags.DEFINE_integer("upsampler_aug_level", 0,
+                     "Noise-augmentation level of the second stage's inputs (0 = clean).")
 flags.mark_flags_as_required(["workdir"])
 
 _GRID_MAX = 100
@@ -135,19 +142,48 @@ def run(argv) -> None:
   print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
         f"({FLAGS.params} params) with {FLAGS.sampler}, {d.num_timesteps} steps, "
         f"on {jax.device_count()} device(s).", flush=True)
+  upsampler = None
+  if FLAGS.upsampler_workdir:
+    sr_config, sr_params, _ = checkpointing.load_params(FLAGS.upsampler_workdir)
+    if int(sr_config.model.get("low_res_size", 0)) != config.data.image_size or (
+        sr_config.data.channels != config.data.channels):
+      raise ValueError(
+          f"{FLAGS.upsampler_workdir} upsamples {sr_config.model.get('low_res_size', 0)}"
+          f"x{sr_config.model.get('low_res_size', 0)}x{sr_config.data.channels} "
+          f"images, but this model makes {config.data.image_size}x"
+          f"{config.data.image_size}x{config.data.channels}.")
+    sr_steps = FLAGS.upsampler_steps
+    sr_steps = int(sr_steps) if sr_steps is not None and sr_steps.isdigit() else sr_steps
+    sr_options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=sr_steps,
+                                           eta=FLAGS.eta)
+    generation.sampling_diffusion(sr_config, sr_options)
+    upsampler = (sr_config, sr_params, sr_options)
   # Every remaining check of the request runs before the first step.
   result = generation.generate(
       config, params, num_samples=FLAGS.num_samples,
       batch_size=FLAGS.batch_size, options=options, seed=FLAGS.seed,
       labels=labels, known=known, known_mask=known_mask, classifier=classifier)
+  arrays = {"samples": result["samples"]}
+  if upsampler:
+    sr_config, sr_params, sr_options = upsampler
+    print(f"Upsampling to {sr_config.data.image_size}x{sr_config.data.image_size} "
+          f"with {FLAGS.upsampler_workdir}.", flush=True)
+    arrays["low_res"] = result["samples"]
+    stage2 = generation.generate(
+        sr_config, sr_params, num_samples=FLAGS.num_samples,
+        batch_size=FLAGS.batch_size, options=sr_options, seed=FLAGS.seed,
+        low_res=result["samples"].astype("float32") / 127.5 - 1.0,
+        aug_level=FLAGS.upsampler_aug_level, stream=1)
+    arrays["samples"] = stage2["samples"]
+    result["seconds"] += stage2["seconds"]
+    config = sr_config
+  if "labels" in result:
+    arrays["labels"] = result["labels"]
   if writer:
-    arrays = {"samples": result["samples"]}
-    if "labels" in result:
-      arrays["labels"] = result["labels"]
     with files.atomic_write(out) as f:
       np.savez(f, **arrays)
     if grid != "none":
-      images = result["samples"][:_GRID_MAX].astype("float32") / 127.5 - 1.0
+      images = arrays["samples"][:_GRID_MAX].astype("float32") / 127.5 - 1.0
       image_grid.save_image_grid(images, grid,
                                  upscale=max(1, 64 // config.data.image_size))
   rate = FLAGS.num_samples / result["seconds"]

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -173,3 +174,39 @@ def test_cli_class_labels_are_checked_and_saved(tmp_path):
   assert r.returncode == 1 and "0..9" in r.stderr
   r = run_cli("--workdir", workdir, "--num_samples", "3", "--class_label", "1,2")
   assert r.returncode == 1 and "give 1 or N" in r.stderr
+
+
+def test_cli_two_stage_cascade_upsamples_the_base_samples(pretrained_run, tmp_path):
+  from configs import digits_sr  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import super_resolution  # pylint: disable=g-import-not-at-top
+  sr_dir = str(tmp_path / "sr")
+  sr_config = digits_sr.get_config("test")
+  sr_config.diffusion.num_timesteps = 20
+  checkpointing.save_pretrained(sr_dir, sr_config, random_params(sr_config))
+  out = str(tmp_path / "cascade.npz")
+  r = run_cli("--workdir", pretrained_run, "--upsampler_workdir", sr_dir,
+              "--num_samples", "3", "--seed", "4", "--out", out)
+  assert r.returncode == 0, r.stderr
+  with np.load(out) as f:
+    low_res, samples = f["low_res"], f["samples"]
+  assert low_res.shape == (3, 8, 8, 1) and samples.shape == (3, 16, 16, 1)
+  # Stage 1 is the base model's own samples for the seed; stage 2 is the
+  # upsampler's chain conditioned on them, with keys of its own (stream 1).
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  assert_images_close(low_res, reference_samples(config, params, seed=4, n=3))
+  sr_params = checkpointing.load_params(sr_dir)[1]
+  model = models.create_model(sr_config)
+  cond = jnp.asarray(low_res, jnp.float32) / 127.5 - 1.0
+  model_fn = super_resolution.make_model_fn(
+      lambda x, t, lr, s: model.apply({"params": sr_params}, x, t, low_res=lr,
+                                      aug_t=s),
+      models.create_diffusion(sr_config), cond)
+  keys = generation.example_keys(4, 0, 3, stream=1)
+  x = sampling.p_sample_loop(models.create_diffusion(sr_config), model_fn,
+                             (3, 16, 16, 1), keys)
+  assert_images_close(samples, image_grid.to_uint8(np.asarray(x)))
+
+
+def test_cli_cascade_errors(pretrained_run, tmp_path):
+  r = run_cli("--workdir", pretrained_run, "--upsampler_workdir", pretrained_run)
+  assert r.returncode == 1 and "upsamples 0x0x1" in r.stderr

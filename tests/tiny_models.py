@@ -25,8 +25,14 @@ def random_params(config, seed=0):
   model = models.create_model(config)
   x = jnp.zeros((1, config.data.image_size, config.data.image_size,
                  config.data.channels))
+  cond = {}
+  low_res_size = config.model.get("low_res_size", 0)
+  if low_res_size:  # a super-resolution model
+    cond = dict(low_res=jnp.zeros((1, low_res_size, low_res_size,
+                                   config.data.channels)),
+                aug_t=jnp.zeros((1,), jnp.int32))
   shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), x, jnp.zeros((1,), jnp.int32), None))["params"]
+      jax.random.key(0), x, jnp.zeros((1,), jnp.int32), None, **cond))["params"]
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   rng = np.random.default_rng(seed)
   leaves = []
