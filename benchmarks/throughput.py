@@ -341,6 +341,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="compute dtype (default: the config's model.dtype)")
+  parser.add_argument("--remat", action="store_true",
+                      help="rematerialise ResNet blocks (model.remat), e.g. for the 256x256 "
+                      "models at batch 64 on one GPU")
   parser.add_argument("--compare", choices=COMPARE, default="none")
   parser.add_argument("--torch_threads", type=int, default=None,
                       help="torch intra-op threads (default: all cores). For a one-thread "
@@ -365,6 +368,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = measure.load_config(args.config)
     if args.dtype:
       config.model.dtype = args.dtype
+    if args.remat:
+      config.model.remat = True
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
                            compare=args.compare, torch_threads=args.torch_threads,
