@@ -132,6 +132,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, batch_size: int,
   decay = float(o.ema_decay)
 
   def step() -> float:
+    # The same module also samples (eval mode): dropout must be on here.
+    model.train()
     t = torch.randint(0, num_t, (batch_size,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     a = abar[t].view(-1, 1, 1, 1)
@@ -184,6 +186,7 @@ def make_sampler(config: ml_collections.ConfigDict, model, batch_size: int, *,
     return torch.randn(batch_size, channels, size, size, generator=gen)
 
   def run(x, timesteps):
+    model.eval()
     with torch.inference_mode():
       for t in timesteps:
         eps = model(x, t).sample
@@ -200,6 +203,7 @@ def make_forward(model, x) -> Callable[[], Any]:
   t = torch.full((x.shape[0],), 500, dtype=torch.long)
 
   def fwd():
+    model.eval()
     with torch.inference_mode():
       return model(x, t).sample
 

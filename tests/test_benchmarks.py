@@ -41,6 +41,24 @@ def test_cifar10_peer_is_the_published_network():
   assert peer.num_params(unet) == 35_746_307
 
 
+def test_peer_train_step_uses_dropout_after_sampling():
+  """The peer module is shared by its train step and its sampler: the train
+  step must run in training mode (dropout on) whatever ran before it."""
+  config = tiny_config()
+  config.model.dropout = 0.5
+  unet = peer.create_unet(config)
+  step = peer.make_train_step(config, unet, batch_size=2)
+  _, init, run = peer.make_sampler(config, unet, batch_size=2)
+  run(init(), [5])
+  seen = []
+  hook = unet.register_forward_hook(lambda module, args, out: seen.append(module.training))
+  step()
+  hook.remove()
+  assert seen == [True]
+  run(init(), [5])
+  assert not unet.training
+
+
 def test_peer_rejects_models_it_cannot_mirror():
   config = tiny_config()
   config.model.num_classes = 10
