@@ -54,6 +54,9 @@ class SamplerOptions:
 def sampling_diffusion(config: ml_collections.ConfigDict,
                        options: SamplerOptions) -> GaussianDiffusion:
   """The (respaced) process to sample from; raises ValueError on bad options."""
+  if models.is_classifier(config):
+    raise ValueError("This run is a noise-aware classifier, not a diffusion "
+                     "model: pass it as --classifier_workdir to guide a model.")
   if options.sampler not in sampling.SAMPLERS:
     raise ValueError(f"Unknown sampler {options.sampler!r}; choose one of "
                      f"{', '.join(sampling.SAMPLERS)}.")

@@ -210,3 +210,13 @@ def test_cli_two_stage_cascade_upsamples_the_base_samples(pretrained_run, tmp_pa
 def test_cli_cascade_errors(pretrained_run, tmp_path):
   r = run_cli("--workdir", pretrained_run, "--upsampler_workdir", pretrained_run)
   assert r.returncode == 1 and "upsamples 0x0x1" in r.stderr
+
+
+def test_a_classifier_run_is_refused_as_the_model():
+  from configs import digits_classifier  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.metrics import bpd  # pylint: disable=g-import-not-at-top
+  config = digits_classifier.get_config("test")
+  with pytest.raises(ValueError, match="--classifier_workdir"):
+    generation.sampling_diffusion(config, generation.SamplerOptions())
+  with pytest.raises(ValueError, match="no likelihood"):
+    bpd.evaluate_bpd(config, {}, num_examples=2)

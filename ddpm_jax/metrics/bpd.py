@@ -65,6 +65,9 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
     `num_examples`, `seconds`; and `conditional` (True when a class-conditional
     model was given each example's label).
   """
+  if models.is_classifier(config):
+    raise ValueError("This run is a noise-aware classifier: it has no "
+                     "likelihood to evaluate.")
   mesh = parallel.create_mesh()
   n_dev = mesh.devices.size
   batch_size = math.ceil(batch_size / n_dev) * n_dev
