@@ -157,6 +157,10 @@ def run(argv) -> None:
     sr_options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=sr_steps,
                                            eta=FLAGS.eta)
     generation.sampling_diffusion(sr_config, sr_options)
+    if not 0 <= FLAGS.upsampler_aug_level <= sr_config.diffusion.num_timesteps:
+      raise ValueError(f"--upsampler_aug_level must lie in 0.."
+                       f"{sr_config.diffusion.num_timesteps}, got "
+                       f"{FLAGS.upsampler_aug_level}.")
     upsampler = (sr_config, sr_params, sr_options)
   # Every remaining check of the request runs before the first step.
   result = generation.generate(
