@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits_classifier
+from tiny_models import init_random
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import models
@@ -21,28 +22,11 @@ from ddpm_jax.data import digits as digits_data
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _init(config, batch=2, abstract=False):
-  """(model, params): random numpy params, or shapes only when `abstract`.
-
-  Every leaf gets N(0, 0.1^2) values (GroupNorm scales 1 + that), so no part
-  of the network is zero as in the real initialisation and the checks below
-  are not vacuous; no init program is compiled (that takes ~15 s here).
-  """
-  model = models.create_model(config)
-  init = lambda kw: model.init({"params": jax.random.key(0)}, **kw)  # noqa: E731
-  shapes = jax.eval_shape(init, models.init_kwargs(config, batch))["params"]
-  if abstract:
-    return model, shapes
-  rng = np.random.default_rng(0)
-  flat = flax.traverse_util.flatten_dict(shapes)
-  return model, flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + 0.1 * rng.normal(size=v.shape),
-                     jnp.float32) for k, v in flat.items()})
 
 
 def test_create_model_gives_classifier_logits():
   config = digits_classifier.get_config("test")
-  model, params = _init(config)
+  model, params = init_random(config)
   assert isinstance(model, models.Classifier)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
   t = jnp.array([0, 50, 99], jnp.int32)
@@ -59,7 +43,7 @@ def test_head_is_dense_of_global_average_pool():
   # Recompute the head in float64 numpy from the captured swish(GroupNorm)
   # features: logits = mean_{H,W}(features) @ W + b.
   config = digits_classifier.get_config("test")
-  model, params = _init(config)
+  model, params = init_random(config)
   x = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
   t = jnp.array([3, 70], jnp.int32)
   logits, state = jax.jit(lambda p: model.apply(
@@ -79,11 +63,11 @@ def test_encoder_parameters_match_the_unet_down_path():
   # Same blocks and names as the U-Net's down path and middle, so the
   # encoder is the U-Net's (and could be initialised from one).
   config = digits_classifier.get_config("test")
-  _, cls_params = _init(config, abstract=True)
+  _, cls_params = init_random(config, abstract=True)
   unet_config = digits_classifier.get_config("test")
   unet_config.model.name = "unet"
   unet_config.model.num_classes = 0
-  _, unet_params = _init(unet_config, abstract=True)
+  _, unet_params = init_random(unet_config, abstract=True)
   cls_shapes = {k: v.shape for k, v in
                 flax.traverse_util.flatten_dict(cls_params).items()
                 if k[0] not in ("head", "norm_out")}
@@ -113,7 +97,7 @@ def test_num_classes_must_match_the_data():
 
 def test_classifier_rejects_a_class_label_argument():
   config = digits_classifier.get_config("test")
-  model, params = _init(config, abstract=True)
+  model, params = init_random(config, abstract=True)
   x, t = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
   with pytest.raises(TypeError, match="positional"):
     jax.eval_shape(lambda p: model.apply({"params": p}, x, t,

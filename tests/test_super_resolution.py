@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import digits_sr
+from tiny_models import init_random
 from ddpm_jax import checkpointing
 from ddpm_jax import models
 from ddpm_jax import sampling
@@ -17,29 +18,12 @@ from ddpm_jax import trainer
 from ddpm_jax.data import digits as digits_data
 
 
-def _init(config, batch=2, abstract=False):
-  """(model, params): random numpy params, or shapes only when `abstract`.
-
-  Every leaf gets N(0, 0.1^2) values (GroupNorm scales 1 + that), so no part
-  of the network is zero as in the real initialisation and the checks below
-  are not vacuous; no init program is compiled (that takes ~15 s here).
-  """
-  model = models.create_model(config)
-  init = lambda kw: model.init({"params": jax.random.key(0)}, **kw)  # noqa: E731
-  shapes = jax.eval_shape(init, models.init_kwargs(config, batch))["params"]
-  if abstract:
-    return model, shapes
-  rng = np.random.default_rng(0)
-  flat = flax.traverse_util.flatten_dict(shapes)
-  return model, flax.traverse_util.unflatten_dict({
-      k: jnp.asarray((k[-1] == "scale") + 0.1 * rng.normal(size=v.shape),
-                     jnp.float32) for k, v in flat.items()})
 
 
 @pytest.fixture(scope="module")
 def sr_model():
   """The tiny 8 -> 16 SR U-Net with random (non-zero everywhere) params."""
-  return _init(digits_sr.get_config("test"))
+  return init_random(digits_sr.get_config("test"))
 
 
 def _count(params):
@@ -116,10 +100,10 @@ def test_training_condition_downsamples_and_draws_levels_in_range():
 
 def test_sr_unet_adds_exactly_the_conditioning_parameters():
   config = digits_sr.get_config("test")
-  _, params = _init(config, abstract=True)
+  _, params = init_random(config, abstract=True)
   plain = digits_sr.get_config("test")
   plain.model.low_res_size = 0
-  _, plain_params = _init(plain, abstract=True)
+  _, plain_params = init_random(plain, abstract=True)
   ch, c = config.model.ch, config.data.channels
   emb = 4 * ch
   extra = 9 * c * ch + (ch * emb + emb) + (emb * emb + emb)
@@ -238,7 +222,7 @@ def test_missing_or_misshapen_low_res_and_unwanted_low_res(sr_model):
   plain = digits_sr.get_config("test")
   plain.model.low_res_size = 0
   plain.data.image_size = 8
-  model, params = _init(plain, abstract=True)
+  model, params = init_random(plain, abstract=True)
   with pytest.raises(ValueError, match="not a super-resolution model"):
     apply(jnp.zeros((2, 8, 8, 1)), t, low_res=jnp.zeros((2, 4, 4, 1)))
 

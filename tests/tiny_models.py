@@ -1,4 +1,5 @@
-"""A tiny digits model with random (non-zero-head) weights, shared by CLI tests."""
+"""Random model parameters without compiling an init, shared by the tests."""
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,16 +24,8 @@ def random_params(config, seed=0):
   ~ 1 + N(0, 0.05^2), biases and embeddings ~ N(0, 0.05^2).
   """
   model = models.create_model(config)
-  x = jnp.zeros((1, config.data.image_size, config.data.image_size,
-                 config.data.channels))
-  cond = {}
-  low_res_size = config.model.get("low_res_size", 0)
-  if low_res_size:  # a super-resolution model
-    cond = dict(low_res=jnp.zeros((1, low_res_size, low_res_size,
-                                   config.data.channels)),
-                aug_t=jnp.zeros((1,), jnp.int32))
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), x, jnp.zeros((1,), jnp.int32), None, **cond))["params"]
+  shapes = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw),
+                          models.init_kwargs(config, 1))["params"]
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   rng = np.random.default_rng(seed)
   leaves = []
@@ -46,3 +39,22 @@ def random_params(config, seed=0):
     else:
       leaves.append(0.05 * noise)
   return jax.tree.unflatten(treedef, [jnp.asarray(v) for v in leaves])
+
+
+def init_random(config, batch=2, abstract=False):
+  """(model, params): random numpy params, or shapes only when `abstract`.
+
+  Every leaf gets N(0, 0.1^2) values (GroupNorm scales 1 + that), so no part
+  of the network is zero as in the real initialisation and the checks below
+  are not vacuous; no init program is compiled (that takes ~15 s here).
+  """
+  model = models.create_model(config)
+  init = lambda kw: model.init({"params": jax.random.key(0)}, **kw)  # noqa: E731
+  shapes = jax.eval_shape(init, models.init_kwargs(config, batch))["params"]
+  if abstract:
+    return model, shapes
+  rng = np.random.default_rng(0)
+  flat = flax.traverse_util.flatten_dict(shapes)
+  return model, flax.traverse_util.unflatten_dict({
+      k: jnp.asarray((k[-1] == "scale") + 0.1 * rng.normal(size=v.shape),
+                     jnp.float32) for k, v in flat.items()})

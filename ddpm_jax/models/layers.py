@@ -42,6 +42,34 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
 
 
+def check_inputs(x: jax.Array, t: jax.Array, ch_mult) -> jax.Array:
+  """Validates NHWC `x` against `ch_mult` and returns `t` as `[B]`."""
+  b, height, width, _ = x.shape
+  factor = 2 ** (len(ch_mult) - 1)
+  if height % factor or width % factor:
+    raise ValueError(
+        f"image size {height}x{width} must be divisible by {factor} for "
+        f"ch_mult={tuple(ch_mult)}")
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (b,))
+  if t.shape != (b,):
+    raise ValueError(f"t must have shape [B]=({b},) or be a scalar, got "
+                     f"{t.shape}")
+  return t
+
+
+def time_mlp(t: jax.Array, ch: int, dtype: Dtype) -> jax.Array:
+  """sinusoid(t) -> Dense(4ch) -> swish -> Dense(4ch): `[B]` -> `[B, 4ch]`.
+
+  Call it inside a compact `__call__`: the Dense layers (`time_dense_0/1`)
+  belong to the calling module.
+  """
+  temb = timestep_embedding(t, ch)
+  temb = nn.Dense(4 * ch, dtype=dtype, name="time_dense_0")(temb)
+  return nn.Dense(4 * ch, dtype=dtype, name="time_dense_1")(nn.swish(temb))
+
+
 class GroupNorm(nn.Module):
   """GroupNorm over NHWC activations, statistics in float32, two passes.
 

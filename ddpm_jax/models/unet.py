@@ -133,26 +133,13 @@ class UNet(nn.Module):
     Returns:
       float32 ``[B, H, W, out_ch]``.
     """
-    b, height, width, _ = x.shape
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if height % factor or width % factor:
-      raise ValueError(
-          f"image size {height}x{width} must be divisible by {factor} for "
-          f"ch_mult={tuple(self.ch_mult)}")
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (b,))
-    if t.shape != (b,):
-      raise ValueError(f"t must have shape [B]=({b},) or be a scalar, got "
-                       f"{t.shape}")
+    b = x.shape[0]
+    t = layers.check_inputs(x, t, self.ch_mult)
     resblock = (nn.remat(layers.ResnetBlock, static_argnums=(3,))
                 if self.remat else layers.ResnetBlock)
 
     # Timestep (and class) embedding, [B, 4ch].
-    temb = layers.timestep_embedding(t, self.ch)
-    temb = nn.Dense(4 * self.ch, dtype=self.dtype, name="time_dense_0")(temb)
-    temb = nn.Dense(4 * self.ch, dtype=self.dtype, name="time_dense_1")(
-        nn.swish(temb))
+    temb = layers.time_mlp(t, self.ch, self.dtype)
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((b,), self.num_classes, jnp.int32)
