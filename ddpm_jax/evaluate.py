@@ -81,9 +81,8 @@ def sample_metrics(config, params, metrics, *, step) -> dict:
       samples = f["samples"]
     origin = FLAGS.samples
   else:
-    steps = FLAGS.steps
-    steps = int(steps) if steps is not None and steps.isdigit() else steps
-    options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=steps, eta=FLAGS.eta)
+    options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=FLAGS.steps,
+                                        eta=FLAGS.eta)
     generation.sampling_diffusion(config, options)  # bad options fail before work
     samples = generation.generate(config, params, num_samples=FLAGS.num_samples,
                                   batch_size=FLAGS.batch_size, options=options,

@@ -93,15 +93,12 @@ def run(argv) -> None:
 
   from ddpm_jax import inpainting_io  # pylint: disable=g-import-not-at-top
 
-  steps = FLAGS.steps
-  if steps is not None and steps.isdigit():
-    steps = int(steps)
   classifier = None
   if FLAGS.classifier_workdir:
     cls_config, cls_params, _ = checkpointing.load_params(FLAGS.classifier_workdir)
     classifier = (cls_config, cls_params)
   options = generation.SamplerOptions(
-      sampler=FLAGS.sampler, steps=steps, eta=FLAGS.eta,
+      sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
       guidance_scale=FLAGS.guidance_scale,
       classifier_scale=FLAGS.classifier_scale if classifier else 0.0,
       resample=FLAGS.resample)
@@ -152,9 +149,8 @@ def run(argv) -> None:
           f"x{sr_config.model.get('low_res_size', 0)}x{sr_config.data.channels} "
           f"images, but this model makes {config.data.image_size}x"
           f"{config.data.image_size}x{config.data.channels}.")
-    sr_steps = FLAGS.upsampler_steps
-    sr_steps = int(sr_steps) if sr_steps is not None and sr_steps.isdigit() else sr_steps
-    sr_options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=sr_steps,
+    sr_options = generation.SamplerOptions(sampler=FLAGS.sampler,
+                                           steps=FLAGS.upsampler_steps,
                                            eta=FLAGS.eta)
     generation.sampling_diffusion(sr_config, sr_options)
     if not 0 <= FLAGS.upsampler_aug_level <= sr_config.diffusion.num_timesteps:
