@@ -74,9 +74,9 @@ def matmul_peak_gflops(dtype=jnp.float32, size: Optional[int] = None,
   return 2.0 * size**3 / best / 1e9
 
 
-def cost_flops(compiled) -> Optional[float]:
-  """FLOPs of one call of a compiled XLA program, from its cost analysis."""
-  cost = compiled.cost_analysis()
+def cost_flops(program) -> Optional[float]:
+  """FLOPs of one call of a lowered or compiled XLA program (cost analysis)."""
+  cost = program.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
@@ -147,6 +147,7 @@ def machine_info() -> dict:
       load_average=[round(x, 2) for x in os.getloadavg()],
       devices=f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
       xla_flags=os.environ.get("XLA_FLAGS", ""),
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
       cpu_affinity=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       versions={n: _version(n) for n in ("jax", "jaxlib", "flax", "torch", "diffusers")},
   )

@@ -10,7 +10,9 @@ Measures on device 0, for one batch size:
   sampler (`sampling.sample_steps` in a `lax` loop), network evaluations/s (one ancestral
   step of the batch = one evaluation per image);
 - forward: one inference forward pass, and its GFLOP/s (FLOPs from XLA's cost
-  analysis) against a measured large-matmul GFLOP/s of the same device;
+  analysis of the network with direct convolutions, whatever
+  `model.conv_algorithm` runs) against a measured large-matmul GFLOP/s of the
+  same device;
 - compile times, XLA's memory estimate of each program, peak memory.
 
 With `--compare diffusers` the same measurements run on diffusers'
@@ -18,7 +20,8 @@ With `--compare diffusers` the same measurements run on diffusers'
 every core) with an equivalent PyTorch train step and the `DDPMScheduler`
 loop, interleaved with ours repeat by repeat (ours, theirs, ours, ...), so
 load from other processes hits both sides; ratios are ours/theirs per repeat,
-reported as median (min, max). Warm-up runs are excluded from every timing.
+reported as median (min, max). Warm-up runs are excluded from every timing,
+and each timed call follows an untimed one of the same side.
 """
 import argparse
 import copy
@@ -94,7 +97,17 @@ class Ours:
     self.train_compile_s = measure.timed(
         lambda: setattr(self, "_train", step.lower(state, self.batch).compile()))
     self.state = state
-    self.train_flops = measure.cost_flops(self._train)
+    # FLOPs are counted for the direct algorithm (XLA's cost analysis of the
+    # same step with model.conv_algorithm='direct', lowered, not compiled):
+    # the network's work, comparable across algorithms and with the peer's.
+    # A Winograd program executes fewer multiplications for the same result.
+    direct_config = copy.deepcopy(config)
+    direct_config.model.conv_algorithm = "direct"
+    direct_model = models.create_model(direct_config)
+    direct_step = train_step_lib.jit_train_step(
+        train_step_lib.make_train_step(direct_config, direct_model, self.diffusion), mesh,
+        shardings)
+    self.train_flops = measure.cost_flops(direct_step.lower(state, self.batch))
     self.train_program_bytes = measure.program_memory_bytes(self._train)
 
     chain = make_chain_fn(model)
@@ -113,7 +126,8 @@ class Ours:
     self._fwd_args = (self.params, self.x_t, jnp.full((batch_size,), num_t // 2, jnp.int32))
     self.forward_compile_s = measure.timed(
         lambda: setattr(self, "_fwd", fwd.lower(*self._fwd_args).compile()))
-    self.forward_flops = measure.cost_flops(self._fwd)
+    direct_fwd = jax.jit(lambda p, x, t: direct_model.apply({"params": p}, x, t))
+    self.forward_flops = measure.cost_flops(direct_fwd.lower(*self._fwd_args))
     self.forward_program_bytes = measure.program_memory_bytes(self._fwd)
     # Warm-up (excluded from timings): first calls allocate and page in.
     self.train(1), self.sample(), self.forward()
@@ -200,6 +214,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   result: dict[str, Any] = dict(
       machine=measure.machine_info(),
       setup=dict(batch_size=batch_size, repeats=repeats, train_iters=train_iters,
+                 conv_algorithm=config.model.get("conv_algorithm", "auto"),
                  sample_steps=sample_steps, dtype=config.model.dtype, peak_tflops=peak_tflops,
                  image_size=int(config.data.image_size), channels=int(config.data.channels),
                  ch=int(config.model.ch), ch_mult=list(config.model.ch_mult)))
@@ -228,6 +243,12 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
     for kind, args in (("train", (train_iters,)), ("sample", ()), ("forward", ())):
       for name, side in (("ours", ours), ("theirs", theirs)):
         if side is not None:
+          # One untimed call first: the first call after the other side ran
+          # is up to 2x slower (measured on a shared VM: memory the other
+          # side freed is faulted back in), a cost that a real run, which
+          # only ever runs one side, never pays.
+          if theirs is not None:
+            getattr(side, kind)(*([1] if kind == "train" else []))
           wall, cpu = getattr(side, kind)(*args)
           times[kind][name].append(wall)
           cpu_times[kind][name].append(cpu)
@@ -344,6 +365,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--remat", action="store_true",
                       help="rematerialise ResNet blocks (model.remat), e.g. for the 256x256 "
                       "models at batch 64 on one GPU")
+  parser.add_argument("--conv_algorithm", choices=("auto", "direct", "winograd"),
+                      default=None, help="our 3x3 convolutions (model.conv_algorithm; "
+                      "default: the config's, 'auto' = Winograd on CPU)")
   parser.add_argument("--compare", choices=COMPARE, default="none")
   parser.add_argument("--torch_threads", type=int, default=None,
                       help="torch intra-op threads (default: all cores). For a one-thread "
@@ -370,6 +394,8 @@ def main(argv: Optional[list[str]] = None) -> int:
       config.model.dtype = args.dtype
     if args.remat:
       config.model.remat = True
+    if args.conv_algorithm:
+      config.model.conv_algorithm = args.conv_algorithm
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
                            compare=args.compare, torch_threads=args.torch_threads,

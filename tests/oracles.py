@@ -46,3 +46,15 @@ def discretized_entropy_bits():
   p = np.diff(stats.norm.cdf(edges, loc=MU, scale=S))
   p = p[p > 0]
   return float(-(p * np.log2(p)).sum())
+
+
+def conv3x3_f64(x, kernel, bias):
+  """SAME 3x3 convolution in float64 numpy: x [B,H,W,Ci], kernel [3,3,Ci,Co]."""
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+  for di in range(3):
+    for dj in range(3):
+      out += np.einsum("bhwc,cd->bhwd", xp[:, di:di + h, dj:dj + w],
+                       kernel[di, dj])
+  return out + bias

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import digits_sr
+import oracles
 from tiny_models import init_random
 from ddpm_jax import checkpointing
 from ddpm_jax import models
@@ -112,18 +113,6 @@ def test_sr_unet_adds_exactly_the_conditioning_parameters():
   assert "aug_dense_0" not in plain_params
 
 
-def _conv3x3_f64(x, kernel, bias):
-  """SAME 3x3 convolution in float64 numpy: x [B,H,W,Ci], kernel [3,3,Ci,Co]."""
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  h, w = x.shape[1:3]
-  out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
-  for di in range(3):
-    for dj in range(3):
-      out += np.einsum("bhwc,cd->bhwd", xp[:, di:di + h, dj:dj + w],
-                       kernel[di, dj])
-  return out + bias
-
-
 def test_low_res_is_nearest_upsampled_and_concatenated_after_x(sr_model):
   model, params = sr_model
   rng = np.random.default_rng(3)
@@ -137,7 +126,7 @@ def test_low_res_is_nearest_upsampled_and_concatenated_after_x(sr_model):
                                   jnp.asarray(lr, jnp.float32))
   got = np.asarray(state["intermediates"]["conv_in"]["__call__"][0])
   up = lr.repeat(2, axis=1).repeat(2, axis=2)
-  want = _conv3x3_f64(np.concatenate([x, up], axis=-1),
+  want = oracles.conv3x3_f64(np.concatenate([x, up], axis=-1),
                       np.asarray(params["conv_in"]["kernel"], np.float64),
                       np.asarray(params["conv_in"]["bias"], np.float64))
   np.testing.assert_allclose(got, want, atol=1e-4)

@@ -4,7 +4,7 @@ from typing import Union
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax.models import unet
+from ddpm_jax.models import layers, unet
 from ddpm_jax.models.classifier import Classifier
 from ddpm_jax.models.unet import UNet
 
@@ -57,8 +57,12 @@ def create_model(config: ml_collections.ConfigDict
   if m.dtype not in unet.DTYPES:
     raise ValueError(
         f"model.dtype={m.dtype!r} is not one of {tuple(unet.DTYPES)}")
+  conv_algorithm = m.get("conv_algorithm", "auto")
+  if conv_algorithm not in layers.CONV_ALGORITHMS:
+    raise ValueError(f"model.conv_algorithm={conv_algorithm!r} is not one of "
+                     f"{layers.CONV_ALGORITHMS}")
   if is_classifier(config):
-    return _create_classifier(config)
+    return _create_classifier(config, conv_algorithm)
   out_ch = output_channels(config)
   unet.validate_hparams(
       image_size=config.data.image_size, in_ch=config.data.channels, ch=m.ch,
@@ -71,10 +75,11 @@ def create_model(config: ml_collections.ConfigDict
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
       resamp_with_conv=m.resamp_with_conv, num_classes=m.num_classes,
       low_res_size=low_res_size(config), dtype=unet.DTYPES[m.dtype],
-      remat=m.remat)
+      remat=m.remat, conv_algorithm=conv_algorithm)
 
 
-def _create_classifier(config: ml_collections.ConfigDict) -> Classifier:
+def _create_classifier(config: ml_collections.ConfigDict,
+                       conv_algorithm: str) -> Classifier:
   m = config.model
   k = m.num_classes
   if not isinstance(k, int) or k < 2:
@@ -98,7 +103,7 @@ def _create_classifier(config: ml_collections.ConfigDict) -> Classifier:
       num_res_blocks=m.num_res_blocks,
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
       resamp_with_conv=m.resamp_with_conv, dtype=unet.DTYPES[m.dtype],
-      remat=m.remat)
+      remat=m.remat, conv_algorithm=conv_algorithm)
 
 
 def init_kwargs(config: ml_collections.ConfigDict,

@@ -7,6 +7,7 @@ timestep embedding, down path and middle, followed by a pooling head:
 GroupNorm -> swish -> global average pool -> Dense(num_classes). Submodule
 names match the U-Net's, so its checkpoints read the same way.
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -42,6 +43,7 @@ class Classifier(nn.Module):
   resamp_with_conv: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv_algorithm: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *,
@@ -65,7 +67,9 @@ class Classifier(nn.Module):
 
     temb = layers.time_mlp(t, self.ch, self.dtype)
 
-    h = layers.conv3x3(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))
+    resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm)
+    h = layers.Conv3x3(self.ch, self.dtype, algorithm=self.conv_algorithm,
+                       name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
         h = resblock(self.ch * mult, self.dropout, self.dtype,

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models import winograd
+
 Dtype = Any
 
 # The paper's networks use GroupNorm with 32 groups everywhere.
@@ -120,13 +122,90 @@ def group_norm(dtype: Dtype, name: str) -> GroupNorm:
                    name=name)
 
 
-def conv3x3(features: int, dtype: Dtype, name: str,
-            zero_init: bool = False) -> nn.Conv:
-  kwargs = {}
-  if zero_init:
-    kwargs["kernel_init"] = nn.initializers.zeros_init()
-  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
-                 name=name, **kwargs)
+CONV_ALGORITHMS = ("auto", "direct", "winograd")
+
+# Where Winograd pays on a CPU ('auto'): each of its matrix products needs
+# enough rows (tiles) and channels, or the transforms, the kernel transform
+# and thin products cost more than the multiplications saved. Measured at the
+# CIFAR-10 and digits shapes, 1 thread (benchmarks/RESULTS.md): at 32 or 64
+# channels training was no faster and compilation twice as slow.
+MIN_WINOGRAD_ROWS = 128
+MIN_WINOGRAD_CHANNELS = 128
+
+
+def winograd_tile(algorithm: str, batch: int, height: int, width: int,
+                  in_ch: int, out_ch: int, dtype: Dtype = jnp.float32) -> int:
+  """How a stride-1 3x3 convolution ``[B, H, W, in_ch] -> [.., out_ch]`` runs.
+
+  Returns the Winograd output tile m (4 or 2), or 0 for a direct
+  convolution:
+
+  - 'direct': 0.
+  - 'winograd': 4 if the F(4x4, 3x3) products get at least
+    ``MIN_WINOGRAD_ROWS`` rows (``batch * ceil(height/4) * ceil(width/4)``)
+    and ``dtype`` has at least float32's precision, else 2. (F(4x4, 3x3)'s
+    larger transform coefficients cost ~8% relative error in bfloat16,
+    F(2x2, 3x3) ~1%.)
+  - 'auto': 0 unless the backend is a CPU and both channel counts are at
+    least ``MIN_WINOGRAD_CHANNELS``; then the largest m in (4, 2) (4 only as
+    above) whose products get at least ``MIN_WINOGRAD_ROWS`` rows, else 0.
+    On a CPU, XLA's direct 3x3 convolutions already run at the matmul peak,
+    so only fewer multiplications help; GPU and TPU compilers choose their
+    own convolution algorithms, which the direct form leaves them free to do.
+  """
+  if algorithm not in CONV_ALGORITHMS:
+    raise ValueError(f"conv_algorithm={algorithm!r} is not one of "
+                     f"{CONV_ALGORITHMS}")
+  if algorithm == "direct" or algorithm == "auto" and (
+      jax.default_backend() != "cpu"
+      or min(in_ch, out_ch) < MIN_WINOGRAD_CHANNELS):
+    return 0
+  precise = jnp.finfo(dtype).bits >= 32
+  for m in winograd.TILES[::-1]:
+    if m == 4 and not precise:
+      continue
+    if batch * -(-height // m) * -(-width // m) >= MIN_WINOGRAD_ROWS:
+      return m
+  return 2 if algorithm == "winograd" else 0
+
+
+class Conv3x3(nn.Module):
+  """Stride-1 3x3 convolution with one pixel of zero padding.
+
+  Parameters, their names, initialisation and result are those of
+  ``nn.Conv(features, (3, 3), padding=1)`` (``kernel``: float32
+  ``[3, 3, C_in, features]``, ``bias``: float32 ``[features]``), so
+  checkpoints do not depend on the algorithm.
+
+  Attributes:
+    features: output channels.
+    dtype: compute dtype.
+    zero_init: start with a zero kernel (the layer outputs its bias, 0).
+    algorithm: one of ``CONV_ALGORITHMS``; see ``winograd_tile``.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  zero_init: bool = False
+  algorithm: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: ``[B, H, W, C_in]``; returns ``[B, H, W, features]`` in ``dtype``."""
+    init = (nn.initializers.zeros_init() if self.zero_init
+            else nn.initializers.lecun_normal())
+    kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                      jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    tile = winograd_tile(self.algorithm, *x.shape, self.features, self.dtype)
+    if tile:
+      y = winograd.conv3x3(x, kernel, tile)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (1, 1), ((1, 1), (1, 1)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias.astype(self.dtype)[None, None, None, :]
 
 
 class ResnetBlock(nn.Module):
@@ -136,16 +215,19 @@ class ResnetBlock(nn.Module):
     out_ch: output channels.
     dropout: dropout rate before the second conv (active only when training).
     dtype: compute dtype.
+    conv_algorithm: see ``Conv3x3``.
   """
   out_ch: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  conv_algorithm: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     """x: ``[B, H, W, C_in]``; temb: ``[B, E]``; returns ``[B, H, W, out_ch]``."""
     h = nn.swish(group_norm(self.dtype, "norm_0")(x))
-    h = conv3x3(self.out_ch, self.dtype, "conv_0")(h)
+    h = Conv3x3(self.out_ch, self.dtype, algorithm=self.conv_algorithm,
+                name="conv_0")(h)
     temb_out = nn.Dense(self.out_ch, dtype=self.dtype, name="temb_proj")(
         nn.swish(temb))
     h = h + temb_out[:, None, None, :]
@@ -153,7 +235,8 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
     # Zero init: each block starts as the identity, so the fresh network is
     # well conditioned whatever its depth.
-    h = conv3x3(self.out_ch, self.dtype, "conv_1", zero_init=True)(h)
+    h = Conv3x3(self.out_ch, self.dtype, zero_init=True,
+                algorithm=self.conv_algorithm, name="conv_1")(h)
     if x.shape[-1] != self.out_ch:
       x = nn.Dense(self.out_ch, dtype=self.dtype, name="shortcut")(x)
     return x + h
@@ -203,6 +286,7 @@ class Upsample(nn.Module):
   """Doubles H and W: nearest neighbour, then an optional conv3x3."""
   with_conv: bool
   dtype: Dtype = jnp.float32
+  conv_algorithm: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -211,5 +295,6 @@ class Upsample(nn.Module):
     # ~1.8x slower for the whole CIFAR-10 forward on CPU.
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.with_conv:
-      x = conv3x3(x.shape[-1], self.dtype, "conv")(x)
+      x = Conv3x3(x.shape[-1], self.dtype, algorithm=self.conv_algorithm,
+                  name="conv")(x)
     return x

@@ -14,6 +14,7 @@ noise-augmentation level added to the timestep embedding, as in Ho et al.
 parameters, and rematerialisation of ResNet blocks. With the extensions off,
 the parameters are exactly the paper's.
 """
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -95,6 +96,9 @@ class UNet(nn.Module):
       super-resolution model is conditioned on (divides the image size).
     dtype: compute dtype; parameters are float32, the output float32.
     remat: rematerialise ResNet blocks in the backward pass to save memory.
+    conv_algorithm: how stride-1 3x3 convolutions are computed (same
+      parameters and function): 'auto', 'direct' or 'winograd'; see
+      ``layers.winograd_tile``.
   """
   ch: int = 128
   out_ch: int = 3
@@ -107,6 +111,7 @@ class UNet(nn.Module):
   low_res_size: int = 0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  conv_algorithm: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
@@ -161,7 +166,10 @@ class UNet(nn.Module):
           "model (model.low_res_size=0)")
 
     # Down path; hs holds every activation the up path concatenates back.
-    h = layers.conv3x3(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))
+    conv = functools.partial(layers.Conv3x3, dtype=self.dtype,
+                             algorithm=self.conv_algorithm)
+    resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm)
+    h = conv(self.ch, name="conv_in")(x)
     hs = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -192,12 +200,13 @@ class UNet(nn.Module):
           h = layers.AttnBlock(self.dtype, name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = layers.Upsample(self.resamp_with_conv, self.dtype,
+                            conv_algorithm=self.conv_algorithm,
                             name=f"up_{level}_upsample")(h)
     assert not hs, "every skip connection must be consumed"
 
     h = nn.swish(layers.group_norm(self.dtype, "norm_out")(h))
     # Zero init: the fresh network predicts exactly 0.
-    h = layers.conv3x3(self.out_ch, self.dtype, "conv_out", zero_init=True)(h)
+    h = conv(self.out_ch, zero_init=True, name="conv_out")(h)
     return h.astype(jnp.float32)
 
   def _low_res_inputs(self, x: jax.Array, low_res: Optional[jax.Array],
