@@ -145,7 +145,7 @@ def winograd_tile(algorithm: str, batch: int, height: int, width: int,
     ``MIN_WINOGRAD_ROWS`` rows (``batch * ceil(height/4) * ceil(width/4)``)
     and ``dtype`` has at least float32's precision, else 2. (F(4x4, 3x3)'s
     larger transform coefficients cost ~8% relative error in bfloat16,
-    F(2x2, 3x3) ~1%.)
+    F(2x2, 3x3) 1-3%.)
   - 'auto': 0 unless the backend is a CPU and both channel counts are at
     least ``MIN_WINOGRAD_CHANNELS``; then the largest m in (4, 2) (4 only as
     above) whose products get at least ``MIN_WINOGRAD_ROWS`` rows, else 0.
