@@ -73,9 +73,10 @@ def get_config():
   model.dtype = "float32"  # compute dtype; parameters stay float32
   model.remat = False  # rematerialise ResNet blocks to save memory
   # 3x3 convolutions: 'auto' = Winograd F(4x4, 3x3) / F(2x2, 3x3) on a CPU
-  # where the feature maps are large enough (fewer multiplications; faster
-  # there), XLA's own convolutions on GPU/TPU. 'direct' or 'winograd' force
-  # one; parameters are the same either way.
+  # for layers with >= 128 channels and large enough maps (fewer
+  # multiplications; faster there; see models.layers.winograd_tile), XLA's own
+  # convolutions elsewhere and on GPU/TPU. 'direct' or 'winograd' force one;
+  # parameters are the same either way.
   model.conv_algorithm = "auto"
 
   return config
