@@ -2,8 +2,9 @@
 
 The network mirrors our config (for `configs/cifar10.py` exactly the
 `google/ddpm-cifar10-32` configuration, checked by `diffusers_unet_config`),
-float32, NCHW (PyTorch's native layout). Torch uses every core (as JAX on
-CPU does by default) unless told otherwise.
+float32, NCHW (PyTorch's native layout), on the first CUDA GPU when torch
+sees one (as JAX uses its GPU), else on the CPU, where torch uses every core
+(as JAX on CPU does by default) unless told otherwise.
 """
 import os
 from typing import Any, Callable, Optional
@@ -83,17 +84,40 @@ def setup_torch(threads: Optional[int] = None):
   return torch
 
 
+def device():
+  """The torch device the peer runs on: 'cuda' when torch sees a GPU, else 'cpu'.
+
+  On a GPU, float32 matrix products and convolutions may use TF32, as JAX's
+  default precision does there (torch's default allows it for convolutions
+  only).
+  """
+  torch = setup_torch()
+  if torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
+  return torch.device("cpu")
+
+
+def synchronize() -> None:
+  """Waits for queued GPU work (torch launches CUDA kernels asynchronously)."""
+  torch = setup_torch()
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
 def create_unet(config: ml_collections.ConfigDict, seed: int = 0,
                 threads: Optional[int] = None):
-  """A randomly initialised float32 diffusers `UNet2DModel` for `config`.
+  """A randomly initialised float32 diffusers `UNet2DModel` for `config` on `device()`.
 
   Sets torch's thread count to `threads` (default: every core, as JAX on CPU
-  uses every core by default).
+  uses every core by default). The weights are drawn on the CPU, so they are
+  the same on either device.
   """
   torch = setup_torch(threads or os.cpu_count())
   from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  return UNet2DModel(**diffusers_unet_config(config)).float()
+  return UNet2DModel(**diffusers_unet_config(config)).float().to(device())
 
 
 def num_params(module) -> int:
@@ -117,12 +141,13 @@ def make_train_step(config: ml_collections.ConfigDict, model, batch_size: int,
   every parameter, on one fixed batch of images in [-1, 1].
   """
   torch = setup_torch()
+  dev = device()
   o = config.optim
-  gen = torch.Generator().manual_seed(seed)
+  gen = torch.Generator(dev).manual_seed(seed)
   size, channels = int(config.data.image_size), int(config.data.channels)
-  x0 = torch.rand(batch_size, channels, size, size, generator=gen) * 2 - 1
+  x0 = torch.rand(batch_size, channels, size, size, generator=gen, device=dev) * 2 - 1
   abar, _ = _alphas_cumprod(config)
-  abar = torch.tensor(abar, dtype=torch.float32)
+  abar = torch.tensor(abar, dtype=torch.float32, device=dev)
   num_t = int(config.diffusion.num_timesteps)
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
@@ -134,8 +159,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, batch_size: int,
   def step() -> float:
     # The same module also samples (eval mode): dropout must be on here.
     model.train()
-    t = torch.randint(0, num_t, (batch_size,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, num_t, (batch_size,), generator=gen, device=dev)
+    noise = torch.randn(x0.shape, generator=gen, device=dev)
     a = abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     out = model(x_t, t).sample
@@ -173,17 +198,19 @@ def make_sampler(config: ml_collections.ConfigDict, model, batch_size: int, *,
   ancestral sampling, `num_inference_steps` for DDIM), `init() -> x_T`
   (NCHW noise), and `run(x, timesteps) -> x`, which applies the pipeline's
   `model(x, t).sample` then `scheduler.step(...)` for each given timestep
-  under `torch.inference_mode()`, so a caller can time part of a chain.
+  under `torch.inference_mode()`, so a caller can time part of a chain; it
+  returns once the GPU (if any) has finished.
   """
   torch = setup_torch()
+  dev = device()
   scheduler = _scheduler(config, sampler)
   scheduler.set_timesteps(num_inference_steps or int(config.diffusion.num_timesteps))
-  gen = torch.Generator().manual_seed(seed)
+  gen = torch.Generator(dev).manual_seed(seed)
   model.eval()
   size, channels = int(config.data.image_size), int(config.data.channels)
 
   def init():
-    return torch.randn(batch_size, channels, size, size, generator=gen)
+    return torch.randn(batch_size, channels, size, size, generator=gen, device=dev)
 
   def run(x, timesteps):
     model.eval()
@@ -191,20 +218,23 @@ def make_sampler(config: ml_collections.ConfigDict, model, batch_size: int, *,
       for t in timesteps:
         eps = model(x, t).sample
         x = scheduler.step(eps, t, x, generator=gen).prev_sample
+    synchronize()
     return x
 
   return list(scheduler.timesteps), init, run
 
 
 def make_forward(model, x) -> Callable[[], Any]:
-  """`fwd()`: one inference forward pass on the fixed batch `x` (NCHW)."""
+  """`fwd()`: one inference forward pass on the fixed batch `x` (NCHW), finished."""
   torch = setup_torch()
   model.eval()
-  t = torch.full((x.shape[0],), 500, dtype=torch.long)
+  t = torch.full((x.shape[0],), 500, dtype=torch.long, device=x.device)
 
   def fwd():
     model.eval()
     with torch.inference_mode():
-      return model(x, t).sample
+      out = model(x, t).sample
+    synchronize()
+    return out
 
   return fwd

@@ -35,6 +35,7 @@ import numpy as np
 from benchmarks import measure
 
 COMPARE = ("none", "diffusers")
+PARTS = ("train", "sample", "forward")
 
 
 def make_chain_fn(model, sampler: str = "ancestral"):
@@ -65,72 +66,81 @@ def _num_params(params) -> int:
 
 
 class Ours:
-  """Compiled train step, sampling chunk and forward pass of ddpm_jax."""
+  """Compiled train step, sampling chunk and forward pass of ddpm_jax (those in `parts`)."""
 
-  def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0):
+  def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0,
+               parts: tuple[str, ...] = PARTS):
     from ddpm_jax import models  # pylint: disable=g-import-not-at-top
     from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
     from ddpm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
     from ddpm_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
     parallel.configure_jax()
     self.batch_size, self.sample_steps = batch_size, sample_steps
+    self.compile_s, self.program_bytes = {}, {}
+    self.train_flops = self.forward_flops = None
     model = models.create_model(config)
     self.diffusion = models.create_diffusion(config)
+    # FLOPs are counted for the direct algorithm (XLA's cost analysis of the
+    # same programs with model.conv_algorithm='direct', lowered, not
+    # compiled): the network's work, comparable across algorithms and with
+    # the peer's. A Winograd program executes fewer multiplications.
+    direct_config = copy.deepcopy(config)
+    direct_config.model.conv_algorithm = "direct"
+    direct_model = models.create_model(direct_config)
     # One device: the benchmark measures one chip.
     mesh = parallel.create_mesh(jax.devices()[:1])
     # Jitted: an eager Flax init dispatches op by op, slower than compiling it.
     with jax.default_device(jax.devices()[0]):
       state = jax.jit(lambda key: ts.create_train_state(config, key, model))(
           jax.random.PRNGKey(seed))
-    shardings = parallel.state_shardings(state, mesh)
     self.num_params = _num_params(state.params)
     # A separate buffer: the train step donates (and overwrites) the state.
     self.params = jax.tree.map(jnp.copy, state.params)
     size, channels = int(config.data.image_size), int(config.data.channels)
-    rng = np.random.default_rng(seed)
-    batch = {"image": rng.uniform(-1, 1, (batch_size, size, size, channels)).astype(np.float32),
-             "label": np.zeros((batch_size,), np.int32)}
-    self.batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-
-    step = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(config, model, self.diffusion), mesh, shardings)
-    self.train_compile_s = measure.timed(
-        lambda: setattr(self, "_train", step.lower(state, self.batch).compile()))
-    self.state = state
-    # FLOPs are counted for the direct algorithm (XLA's cost analysis of the
-    # same step with model.conv_algorithm='direct', lowered, not compiled):
-    # the network's work, comparable across algorithms and with the peer's.
-    # A Winograd program executes fewer multiplications for the same result.
-    direct_config = copy.deepcopy(config)
-    direct_config.model.conv_algorithm = "direct"
-    direct_model = models.create_model(direct_config)
-    direct_step = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(direct_config, direct_model, self.diffusion), mesh,
-        shardings)
-    self.train_flops = measure.cost_flops(direct_step.lower(state, self.batch))
-    self.train_program_bytes = measure.program_memory_bytes(self._train)
-
-    chain = make_chain_fn(model)
-    keys = example_keys(seed, batch_size)
-    self.x_t = jax.random.normal(jax.random.PRNGKey(seed + 1),
-                                 (batch_size, size, size, channels))
     num_t = self.diffusion.num_timesteps
     if not 1 <= sample_steps <= num_t:
       raise ValueError(f"--sample_steps must be in 1..{num_t}, got {sample_steps}.")
-    self._chain_args = (self.params, self.diffusion, self.x_t, keys, num_t,
-                        num_t - sample_steps)
-    self.sample_compile_s = measure.timed(
-        lambda: setattr(self, "_chain", chain.lower(*self._chain_args).compile()))
+    self.x_t = jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                 (batch_size, size, size, channels))
 
-    fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    if "train" in parts:
+      shardings = parallel.state_shardings(state, mesh)
+      rng = np.random.default_rng(seed)
+      batch = {"image": rng.uniform(-1, 1, (batch_size, size, size, channels)).astype(
+          np.float32), "label": np.zeros((batch_size,), np.int32)}
+      self.batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+      jit_step = lambda c, m: train_step_lib.jit_train_step(
+          train_step_lib.make_train_step(c, m, self.diffusion), mesh, shardings)
+      self._train = self._compile("train", jit_step(config, model), state, self.batch)
+      self.train_flops = measure.cost_flops(
+          jit_step(direct_config, direct_model).lower(state, self.batch))
+      self.state = state
+    else:
+      del state
+
+    if "sample" in parts:
+      keys = example_keys(seed, batch_size)
+      self._chain_args = (self.params, self.diffusion, self.x_t, keys, num_t,
+                          num_t - sample_steps)
+      self._chain = self._compile("sample_chunk", make_chain_fn(model), *self._chain_args)
+
+    # The forward program is always lowered: its FLOPs give sampling's GFLOP/s.
     self._fwd_args = (self.params, self.x_t, jnp.full((batch_size,), num_t // 2, jnp.int32))
-    self.forward_compile_s = measure.timed(
-        lambda: setattr(self, "_fwd", fwd.lower(*self._fwd_args).compile()))
-    direct_fwd = jax.jit(lambda p, x, t: direct_model.apply({"params": p}, x, t))
-    self.forward_flops = measure.cost_flops(direct_fwd.lower(*self._fwd_args))
-    self.forward_program_bytes = measure.program_memory_bytes(self._fwd)
+    fwd_of = lambda m: jax.jit(lambda p, x, t: m.apply({"params": p}, x, t))
+    self.forward_flops = measure.cost_flops(fwd_of(direct_model).lower(*self._fwd_args))
+    if "forward" in parts:
+      self._fwd = self._compile("forward", fwd_of(model), *self._fwd_args)
     # Warm-up (excluded from timings): first calls allocate and page in.
-    self.train(1), self.sample(), self.forward()
+    for part in parts:
+      getattr(self, part)(*([1] if part == "train" else []))
+
+  def _compile(self, name: str, jitted, *args):
+    """Compiles `jitted` for `args`, recording its compile time and memory estimate."""
+    holder = {}
+    self.compile_s[name] = measure.timed(
+        lambda: holder.setdefault("c", jitted.lower(*args).compile()))
+    self.program_bytes[name] = measure.program_memory_bytes(holder["c"])
+    return holder["c"]
 
   def train(self, iters: int) -> tuple[float, float]:
     """(wall, CPU) seconds for `iters` train steps (dispatched back to back, then blocked)."""
@@ -151,23 +161,26 @@ class Ours:
 
 
 class Theirs:
-  """diffusers' UNet2DModel: PyTorch train step, DDPMScheduler loop, forward."""
+  """diffusers' UNet2DModel: PyTorch train step, DDPMScheduler loop, forward (`parts`)."""
 
   def __init__(self, config, batch_size: int, sample_steps: int, seed: int = 0,
-               threads: Optional[int] = None):
+               threads: Optional[int] = None, parts: tuple[str, ...] = PARTS):
     from benchmarks import peer  # pylint: disable=g-import-not-at-top
     self.unet = peer.create_unet(config, seed, threads)
     self.threads = peer.setup_torch().get_num_threads()
+    self.device = str(peer.device())
     self.num_params = peer.num_params(self.unet)
     self.sample_steps = sample_steps
-    self._train = peer.make_train_step(config, self.unet, batch_size, seed)
+    if "train" in parts:
+      self._train = peer.make_train_step(config, self.unet, batch_size, seed)
     timesteps, init, self._run = peer.make_sampler(config, self.unet, batch_size, seed=seed)
     self._timesteps = timesteps[:sample_steps]
     self._x = init()
     self._fwd = peer.make_forward(self.unet, self._x)
     # Warm-up, excluded from timings: torch's first steps allocate the Adam
     # state and caches and run several times slower than later ones.
-    self.train(2), self.sample(), self.forward()
+    for part in parts:
+      getattr(self, part)(*([2] if part == "train" else []))
 
   def train(self, iters: int) -> tuple[float, float]:
     def run():
@@ -188,7 +201,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
                   sample_steps: int = 4, compare: str = "none",
                   torch_threads: Optional[int] = None, seed: int = 0,
                   matmul_size: Optional[int] = None, peak_tflops: Optional[float] = None,
-                  log=print) -> dict[str, Any]:
+                  parts: tuple[str, ...] = PARTS, log=print) -> dict[str, Any]:
   """Runs the interleaved measurements; returns every number (see module doc).
 
   Returns:
@@ -198,9 +211,15 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
     size of the peak-matmul probe (see `measure.matmul_peak_gflops`);
     `peak_tflops`, the chip's nominal peak for the dtype (e.g. 989 for an
     H100 SXM in bfloat16), adds the train step's model FLOP utilisation.
+    `parts` (a subset of `PARTS`) limits what is compiled and timed, e.g.
+    ('train',) for the training memory of a large model.
   """
   if compare not in COMPARE:
     raise ValueError(f"--compare must be one of {COMPARE}, got {compare!r}.")
+  if not parts or set(parts) - set(PARTS):
+    raise ValueError(f"--parts must be a non-empty subset of {','.join(PARTS)}, got "
+                     f"{','.join(parts)!r}.")
+  parts = tuple(p for p in PARTS if p in parts)
   if batch_size < 1 or repeats < 1 or train_iters < 1:
     raise ValueError(f"batch_size ({batch_size}), repeats ({repeats}) and train_iters "
                      f"({train_iters}) must be >= 1.")
@@ -214,7 +233,8 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   result: dict[str, Any] = dict(
       machine=measure.machine_info(),
       setup=dict(batch_size=batch_size, repeats=repeats, train_iters=train_iters,
-                 conv_algorithm=config.model.get("conv_algorithm", "auto"),
+                 conv_algorithm=config.model.get("conv_algorithm", "auto"), parts=list(parts),
+                 remat=bool(config.model.remat),
                  sample_steps=sample_steps, dtype=config.model.dtype, peak_tflops=peak_tflops,
                  image_size=int(config.data.image_size), channels=int(config.data.channels),
                  ch=int(config.model.ch), ch_mult=list(config.model.ch_mult)))
@@ -223,24 +243,25 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   log(f"matmul peak ({config.model.dtype} jnp.dot): {matmul():.1f} GFLOP/s (re-measured "
       "every repeat)")
 
-  ours = Ours(config, batch_size, sample_steps, seed)
-  log(f"ours: {ours.num_params:,} params; compile train {ours.train_compile_s:.1f} s, "
-      f"sample chunk {ours.sample_compile_s:.1f} s, forward {ours.forward_compile_s:.1f} s")
+  ours = Ours(config, batch_size, sample_steps, seed, parts)
+  log(f"ours: {ours.num_params:,} params; compile " + ", ".join(
+      f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
   theirs = None
   if compare == "diffusers":
-    theirs = Theirs(config, batch_size, sample_steps, seed, torch_threads)
+    theirs = Theirs(config, batch_size, sample_steps, seed, torch_threads, parts)
     if theirs.num_params != ours.num_params:
       raise AssertionError(f"Not the same network: ours {ours.num_params:,} params, diffusers "
                            f"{theirs.num_params:,}.")
 
-  times = {k: {"ours": [], "theirs": []} for k in ("train", "sample", "forward")}
+  times = {k: {"ours": [], "theirs": []} for k in parts}
   cpu_times = {k: {"ours": [], "theirs": []} for k in times}
   matmul_gflops = []
   for r in range(repeats):
     # The peak is re-measured beside the forward passes it is compared with,
     # so a change of load on a shared machine hits both.
     matmul_gflops.append(matmul())
-    for kind, args in (("train", (train_iters,)), ("sample", ()), ("forward", ())):
+    for kind in parts:
+      args = (train_iters,) if kind == "train" else ()
       for name, side in (("ours", ours), ("theirs", theirs)):
         if side is not None:
           # One untimed call first: the first call after the other side ran
@@ -258,25 +279,30 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
 
   def rates(name):
     t = times
-    out = dict(
-        train_images_per_s=measure.summary(
-            [batch_size * train_iters / s for s in t["train"][name]]),
-        sample_evals_per_s=measure.summary(
-            [batch_size * sample_steps / s for s in t["sample"][name]]),
-        forward_s=measure.summary(t["forward"][name]),
-        cpu_s=dict(train_step=measure.summary([c / train_iters for c in cpu_times["train"][name]]),
-                   sample_step=measure.summary([c / sample_steps
-                                                for c in cpu_times["sample"][name]]),
-                   forward=measure.summary(cpu_times["forward"][name])),
-    )
-    if ours.forward_flops:
-      out["forward_gflops"] = measure.summary(
-          [ours.forward_flops / s / 1e9 for s in t["forward"][name]])
-      out["forward_fraction_of_matmul"] = measure.summary(
-          [ours.forward_flops / s / 1e9 / m for s, m in zip(t["forward"][name], matmul_gflops)])
-      out["sample_gflops"] = measure.summary(
-          [ours.forward_flops * sample_steps / s / 1e9 for s in t["sample"][name]])
-    if ours.train_flops:
+    out = dict(cpu_s={})
+    if "train" in parts:
+      out["train_images_per_s"] = measure.summary(
+          [batch_size * train_iters / s for s in t["train"][name]])
+      out["cpu_s"]["train_step"] = measure.summary(
+          [c / train_iters for c in cpu_times["train"][name]])
+    if "sample" in parts:
+      out["sample_evals_per_s"] = measure.summary(
+          [batch_size * sample_steps / s for s in t["sample"][name]])
+      out["cpu_s"]["sample_step"] = measure.summary(
+          [c / sample_steps for c in cpu_times["sample"][name]])
+      if ours.forward_flops:
+        out["sample_gflops"] = measure.summary(
+            [ours.forward_flops * sample_steps / s / 1e9 for s in t["sample"][name]])
+    if "forward" in parts:
+      out["forward_s"] = measure.summary(t["forward"][name])
+      out["cpu_s"]["forward"] = measure.summary(cpu_times["forward"][name])
+      if ours.forward_flops:
+        out["forward_gflops"] = measure.summary(
+            [ours.forward_flops / s / 1e9 for s in t["forward"][name]])
+        out["forward_fraction_of_matmul"] = measure.summary(
+            [ours.forward_flops / s / 1e9 / m
+             for s, m in zip(t["forward"][name], matmul_gflops)])
+    if "train" in parts and ours.train_flops:
       out["train_gflops"] = measure.summary(
           [ours.train_flops * train_iters / s / 1e9 for s in t["train"][name]])
       out["train_fraction_of_matmul"] = measure.summary(
@@ -292,12 +318,11 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   result["ours"].update(
       num_params=ours.num_params, forward_gflop=(ours.forward_flops or 0) / 1e9,
       train_step_gflop=(ours.train_flops or 0) / 1e9,
-      compile_s=dict(train=ours.train_compile_s, sample_chunk=ours.sample_compile_s,
-                     forward=ours.forward_compile_s),
-      program_bytes=dict(train=ours.train_program_bytes, forward=ours.forward_program_bytes))
+      compile_s=ours.compile_s, program_bytes=ours.program_bytes)
   if theirs is not None:
     result["theirs"] = rates("theirs")
-    result["theirs"].update(num_params=theirs.num_params, torch_threads=theirs.threads)
+    result["theirs"].update(num_params=theirs.num_params, torch_threads=theirs.threads,
+                            device=theirs.device)
     # Higher is better for all three: ours/theirs throughput per repeat.
     result["ratio"] = {
         kind: measure.summary([b / a for a, b in zip(times[kind]["ours"], times[kind]["theirs"])])
@@ -318,8 +343,10 @@ def report(result: dict, log=print) -> None:
   log("")
   log(f"== ddpm_jax, batch {result['setup']['batch_size']}, {result['setup']['dtype']}, "
       f"{o['num_params']:,} params, median (min, max) over {result['setup']['repeats']} repeats")
-  log(f"train images/s:         {measure.fmt(o['train_images_per_s'])}")
-  log(f"sample evals/s:         {measure.fmt(o['sample_evals_per_s'])}")
+  if "train_images_per_s" in o:
+    log(f"train images/s:         {measure.fmt(o['train_images_per_s'])}")
+  if "sample_evals_per_s" in o:
+    log(f"sample evals/s:         {measure.fmt(o['sample_evals_per_s'])}")
   if "forward_gflops" in o:
     log(f"forward GFLOP/s:        {measure.fmt(o['forward_gflops'])} "
         f"({o['forward_gflop']:.2f} GFLOP per batch)")
@@ -332,17 +359,19 @@ def report(result: dict, log=print) -> None:
   if "train_mfu" in o:
     log(f"train MFU:              {measure.fmt(o['train_mfu'])} (of {result['setup']['peak_tflops']} "
         "TFLOP/s nominal)")
-  log(f"compile s:              " + ", ".join(f"{k} {v:.1f}" for k, v in o["compile_s"].items()))
+  log("compile s:              " + ", ".join(f"{k} {v:.1f}" for k, v in o["compile_s"].items()))
   log("XLA program memory:     " + ", ".join(
       f"{k} {v / 2**20:.0f} MiB" for k, v in o["program_bytes"].items() if v))
   pm = result["peak_memory"]
   log(f"peak memory:            {pm['bytes'] / 2**20:.0f} MiB ({pm['source']})")
   if "theirs" in result:
     t = result["theirs"]
-    log(f"== diffusers UNet2DModel (torch, {t['torch_threads']} threads), "
+    log(f"== diffusers UNet2DModel (torch on {t['device']}, {t['torch_threads']} threads), "
         f"{t['num_params']:,} params")
-    log(f"train images/s:         {measure.fmt(t['train_images_per_s'])}")
-    log(f"sample evals/s:         {measure.fmt(t['sample_evals_per_s'])}")
+    if "train_images_per_s" in t:
+      log(f"train images/s:         {measure.fmt(t['train_images_per_s'])}")
+    if "sample_evals_per_s" in t:
+      log(f"sample evals/s:         {measure.fmt(t['sample_evals_per_s'])}")
     if "forward_gflops" in t:
       log(f"forward GFLOP/s:        {measure.fmt(t['forward_gflops'])} (same FLOP count)")
     log("== ours / theirs (throughput ratio per repeat; > 1: we are faster)")
@@ -369,6 +398,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                       default=None, help="our 3x3 convolutions (model.conv_algorithm; "
                       "default: the config's, 'auto' = Winograd on CPU)")
   parser.add_argument("--compare", choices=COMPARE, default="none")
+  parser.add_argument("--parts", default=",".join(PARTS),
+                      help="what to compile and time, comma-separated subset of "
+                      f"{','.join(PARTS)} (default all; e.g. 'train' for the training "
+                      "memory of a large model)")
   parser.add_argument("--torch_threads", type=int, default=None,
                       help="torch intra-op threads (default: all cores). For a one-thread "
                       "comparison also run JAX single-threaded: XLA_FLAGS="
@@ -399,7 +432,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
                            compare=args.compare, torch_threads=args.torch_threads,
-                           peak_tflops=args.peak_tflops)
+                           peak_tflops=args.peak_tflops,
+                           parts=tuple(p for p in args.parts.split(",") if p))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -95,6 +95,25 @@ def test_throughput_smoke():
   assert "ours / theirs" in text and "train images/s" in text
 
 
+def test_throughput_train_only():
+  """--parts train compiles and times the train step alone (the memory check of
+  the 256x256 models); the forward FLOPs are still counted."""
+  lines = []
+  result = throughput.run_benchmark(tiny_config(), batch_size=2, repeats=1, train_iters=1,
+                                    sample_steps=2, matmul_size=256, parts=("train",),
+                                    log=lines.append)
+  ours = result["ours"]
+  check_summary(ours["train_images_per_s"])
+  check_summary(ours["train_gflops"])
+  assert "sample_evals_per_s" not in ours and "forward_s" not in ours
+  assert list(ours["compile_s"]) == ["train"]
+  assert set(ours["cpu_s"]) == {"train_step"}
+  assert ours["train_step_gflop"] > 2 * ours["forward_gflop"] > 0
+  assert result["setup"]["parts"] == ["train"]
+  text = "\n".join(lines)
+  assert "train images/s" in text and "sample evals/s" not in text
+
+
 def test_sample_time_smoke():
   lines = []
   result = sample_time.run_benchmark(tiny_config(), num_samples=3, batch_size=2,
@@ -119,6 +138,8 @@ def test_sample_time_smoke():
     (throughput, ["--config", "configs/nope.py"], "no such file"),
     (throughput, ["--config", "configs/digits.py:test", "--dtype", "bfloat16",
                   "--compare", "diffusers"], "float32 on both sides"),
+    (throughput, ["--config", "configs/digits.py:test", "--parts", "train,backward"],
+     "--parts must be a non-empty subset of train,sample,forward"),
     (sample_time, ["--config", "configs/digits.py:test", "--num_samples", "0"],
      "--num_samples must be >= 1"),
 ])

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU measurements of benchmarks/RESULTS.md in one run (~8 min on an H100).
+#
+#   bash benchmarks/gpu.sh [--smoke] [OUTDIR]
+#
+# On the first GPU that JAX sees, in this order (most important first):
+#   1. mfu:     CIFAR-10 U-Net, bfloat16, batch 128: training images/s and MFU
+#               (of the H100 SXM's 989 dense bf16 TFLOP/s), sampling evals/s.
+#   2. sample:  50,000 CIFAR-10 samples, bfloat16, 1000 ancestral steps and
+#               DDIM-50, timed on part of one batch and extrapolated.
+#   3. mem256:  the 256x256 model (CelebA-HQ config), bfloat16, batch 64, train
+#               step with rematerialisation: peak GPU memory and images/s.
+#   4. peer:    CIFAR-10, float32 (TF32 on both sides), batch 128, against
+#               diffusers' UNet2DModel on the same GPU.
+# Each step has its own time limit and log; JSON results and logs go to
+# OUTDIR (default gpu_results/). --smoke runs the same steps on the tiny
+# digits model (CPU is fine): a check of this script, not a measurement.
+set -uo pipefail
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+smoke=0
+out=gpu_results
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    --smoke) smoke=1 ;;
+    -*) echo "error: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) out=$arg ;;
+  esac
+done
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+cifar=configs/cifar10.py
+big=configs/celebahq256.py
+# name limit_s args...: runs one benchmark, logging to $out/name.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$py" -m "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}"
+}
+if ((smoke)); then
+  cifar=configs/digits.py:test
+  big=configs/digits.py:test
+  step() {
+    local name=$1
+    shift 2
+    echo "== $name (smoke): $*"
+    "$py" -m "$@" --json "$out/$name.json" >"$out/$name.log" 2>&1
+    echo "== $name: exit $?"
+  }
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+  --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+"$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+"optax", optax.__version__, jax.devices())' || exit 1
+
+if ((smoke)); then
+  # Tiny sizes: compile in seconds on a CPU.
+  mfu_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
+  sample_args=(--num_samples 8 --batch_size 4 --measured_steps 2 --repeats 1)
+  mem_args=(--batch_size 4 --repeats 1 --train_iters 1)
+  peer_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
+else
+  mfu_args=(--batch_size 128 --repeats 3 --train_iters 20 --sample_steps 20)
+  sample_args=(--num_samples 50000 --batch_size 2500 --measured_steps 20 --repeats 3)
+  mem_args=(--batch_size 64 --repeats 2 --train_iters 3)
+  peer_args=(--batch_size 128 --repeats 3 --train_iters 10 --sample_steps 10)
+fi
+
+step mfu 170 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
+  "${mfu_args[@]}"
+step sample 130 benchmarks.sample_time --config "$cifar" --dtype bfloat16 "${sample_args[@]}"
+step mem256 170 benchmarks.throughput --config "$big" --dtype bfloat16 --remat --parts train \
+  --peak_tflops 989 "${mem_args[@]}"
+# JAX takes 75% of the GPU's memory by default; leave torch room beside it.
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step peer 120 benchmarks.throughput --config "$cifar" \
+  --compare diffusers "${peer_args[@]}"
+nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true
