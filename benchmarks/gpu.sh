@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/RESULTS.md in one run (~8 min on an H100).
+# The GPU measurements of benchmarks/RESULTS.md (~15 min on an H100, most of
+# it compiling; run a few steps per call where calls are limited).
 #
-#   bash benchmarks/gpu.sh [--smoke] [OUTDIR]
+#   bash benchmarks/gpu.sh [--smoke] [--steps mfu,sample,mem256,peer] [OUTDIR]
 #
-# On the first GPU that JAX sees, in this order (most important first):
+# On the first GPU that JAX sees, in this order (default: all four):
 #   1. mfu:     CIFAR-10 U-Net, bfloat16, batch 128: training images/s and MFU
 #               (of the H100 SXM's 989 dense bf16 TFLOP/s), sampling evals/s.
 #   2. sample:  50,000 CIFAR-10 samples, bfloat16, 1000 ancestral steps and
 #               DDIM-50, timed on part of one batch and extrapolated.
 #   3. mem256:  the 256x256 model (CelebA-HQ config), bfloat16, batch 64, train
-#               step with rematerialisation: peak GPU memory and images/s.
+#               step with rematerialisation: peak GPU memory and images/s
+#               (compiling it took over 170 s on an H100).
 #   4. peer:    CIFAR-10, float32 (TF32 on both sides), batch 128, against
 #               diffusers' UNet2DModel on the same GPU.
 # Each step has its own time limit and log; JSON results and logs go to
@@ -17,27 +19,43 @@
 # digits model (CPU is fine): a check of this script, not a measurement.
 set -uo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 smoke=0
 out=gpu_results
-for arg in "$@"; do
-  case "$arg" in
+steps=mfu,sample,mem256,peer
+while (($#)); do
+  case "$1" in
     -h|--help) usage; exit 0 ;;
     --smoke) smoke=1 ;;
-    -*) echo "error: unknown option $arg (see --help)" >&2; exit 2 ;;
-    *) out=$arg ;;
+    --steps)
+      steps=${2:-}
+      shift ;;
+    -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) out=$1 ;;
+  esac
+  shift
+done
+for s in ${steps//,/ }; do
+  case "$s" in
+    mfu|sample|mem256|peer) ;;
+    *) echo "error: unknown step '$s' in --steps (mfu, sample, mem256, peer)" >&2; exit 2 ;;
   esac
 done
+if [[ -z "${steps//,/}" ]]; then
+  echo "error: --steps needs a comma-separated list of mfu, sample, mem256, peer" >&2
+  exit 2
+fi
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 cifar=configs/cifar10.py
 big=configs/celebahq256.py
-# name limit_s args...: runs one benchmark, logging to $out/name.log.
+# name limit_s args...: runs one benchmark (if --steps names it), logging to $out/name.log.
 step() {
   local name=$1 limit=$2
   shift 2
+  [[ ",$steps," == *",$name,"* ]] || return 0
   echo "== $name: $*"
   timeout "$limit" "$py" -m "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}"
@@ -48,6 +66,7 @@ if ((smoke)); then
   step() {
     local name=$1
     shift 2
+    [[ ",$steps," == *",$name,"* ]] || return 0
     echo "== $name (smoke): $*"
     "$py" -m "$@" --json "$out/$name.json" >"$out/$name.log" 2>&1
     echo "== $name: exit $?"
@@ -72,12 +91,12 @@ else
   peer_args=(--batch_size 128 --repeats 3 --train_iters 10 --sample_steps 10)
 fi
 
-step mfu 170 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
+step mfu 180 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
   "${mfu_args[@]}"
-step sample 130 benchmarks.sample_time --config "$cifar" --dtype bfloat16 "${sample_args[@]}"
-step mem256 170 benchmarks.throughput --config "$big" --dtype bfloat16 --remat --parts train \
+step sample 240 benchmarks.sample_time --config "$cifar" --dtype bfloat16 "${sample_args[@]}"
+step mem256 420 benchmarks.throughput --config "$big" --dtype bfloat16 --remat --parts train \
   --peak_tflops 989 "${mem_args[@]}"
 # JAX takes 75% of the GPU's memory by default; leave torch room beside it.
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step peer 120 benchmarks.throughput --config "$cifar" \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step peer 180 benchmarks.throughput --config "$cifar" \
   --compare diffusers "${peer_args[@]}"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true

@@ -2,8 +2,14 @@
 the diffusers peer, and report positive finite numbers. No speed assertions:
 timings belong in benchmarks/RESULTS.md, not in tests.
 """
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
+import jax
 import pytest
 
 from benchmarks import measure
@@ -114,6 +120,24 @@ def test_throughput_train_only():
   assert "train images/s" in text and "sample evals/s" not in text
 
 
+def test_flops_without_lowered_cost_analysis(monkeypatch):
+  """On GPU, JAX 0.11 gives no cost analysis of lowered programs: a direct-conv
+  model then counts the compiled program's FLOPs, close to the lowered count."""
+  config = tiny_config()
+  config.model.conv_algorithm = "direct"
+  run = lambda: throughput.run_benchmark(config, batch_size=2, repeats=1, train_iters=1,
+                                         sample_steps=2, matmul_size=256,
+                                         parts=("train", "forward"), log=lambda _: None)
+  lowered = run()["ours"]
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  compiled = run()["ours"]
+  for key in ("train_step_gflop", "forward_gflop"):
+    assert compiled[key] == pytest.approx(lowered[key], rel=0.05), key
+  # A program that runs Winograd convolutions is not the direct count: none then.
+  config.model.conv_algorithm = "winograd"
+  assert run()["ours"]["train_step_gflop"] == 0
+
+
 def test_sample_time_smoke():
   lines = []
   result = sample_time.run_benchmark(tiny_config(), num_samples=3, batch_size=2,
@@ -146,3 +170,37 @@ def test_sample_time_smoke():
 def test_cli_errors(module, args, message, capsys):
   assert module.main(args) == 2
   assert message in capsys.readouterr().err
+
+
+GPU_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "gpu.sh")
+
+
+def run_gpu_sh(*args, **kwargs):
+  return subprocess.run(["bash", GPU_SH, *args], capture_output=True, text=True,
+                        timeout=300, cwd=os.path.dirname(os.path.dirname(GPU_SH)),
+                        env={**os.environ, "PYTHON": sys.executable}, **kwargs)
+
+
+def test_gpu_sh_static_checks():
+  if shutil.which("shellcheck"):
+    proc = subprocess.run(["shellcheck", GPU_SH], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+  proc = run_gpu_sh("--help")
+  assert proc.returncode == 0 and "--steps" in proc.stdout and "set -uo" not in proc.stdout
+  for args, message in ((["--steps", "mfu,bogus"], "unknown step 'bogus'"),
+                        (["--steps", ""], "--steps needs"), (["--fast"], "unknown option")):
+    proc = run_gpu_sh(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_gpu_sh_smoke_runs_the_chosen_step(tmp_path):
+  """--smoke --steps mem256 runs that step alone (tiny model) and writes its JSON."""
+  proc = run_gpu_sh("--smoke", "--steps", "mem256", str(tmp_path))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "== mem256: exit 0" in proc.stdout and "== mfu" not in proc.stdout
+  assert sorted(os.listdir(tmp_path)) == ["mem256.json", "mem256.log"]
+  with open(tmp_path / "mem256.json") as f:
+    result = json.load(f)
+  assert result["setup"]["parts"] == ["train"] and result["setup"]["remat"]
+  check_summary(result["ours"]["train_images_per_s"])
