@@ -20,7 +20,6 @@ import sys
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import measure
 

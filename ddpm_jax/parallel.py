@@ -39,12 +39,25 @@ def _env_int(name: str) -> Optional[int]:
     raise ValueError(f"Environment variable {name}={value!r} is not an integer.") from None
 
 
+# Set to 1 by launchers that know they start one process per host of a job
+# JAX auto-detects (launch/tpu_pod.sh: a Cloud TPU VM slice publishes its
+# workers through the metadata server, not the environment).
+DISTRIBUTED_ENV_VAR = "DDPM_JAX_DISTRIBUTED"
+
+
 def _auto_cluster_detected() -> bool:
   """True when launched as one of several tasks of a TPU pod or a cluster.
 
   These are the environments `jax.distributed.initialize()` auto-detects;
   a single-host run must not call it (it would wait for a coordinator).
+  `DDPM_JAX_DISTRIBUTED=1` says so explicitly (0: never).
   """
+  forced = os.environ.get(DISTRIBUTED_ENV_VAR, "")
+  if forced not in ("", "0", "1"):
+    raise ValueError(f"Environment variable {DISTRIBUTED_ENV_VAR}={forced!r} must be 1 "
+                     "(call jax.distributed.initialize() with auto-detection) or 0.")
+  if forced:
+    return forced == "1"
   if (_env_int("SLURM_NTASKS") or 1) > 1:
     return True
   if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
@@ -63,8 +76,10 @@ def initialize_distributed(
   Explicit arguments win over the environment variables
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Given either
   way, this is the CPU-process path (gloo collectives, e.g. `launch/local.sh`).
-  Otherwise on a TPU pod, SLURM or Open MPI job `jax.distributed.initialize()`
-  auto-detects everything. A plain single-process run does nothing.
+  Otherwise in a SLURM or Open MPI job of several tasks, on a TPU pod that
+  sets TPU_WORKER_HOSTNAMES (GKE), or with DDPM_JAX_DISTRIBUTED=1 (set by
+  `launch/tpu_pod.sh`), `jax.distributed.initialize()` auto-detects
+  everything. A plain single-process run does nothing.
 
   Must be called before any other JAX call touches the devices.
 

@@ -14,7 +14,8 @@
 #      virtual environment and pip install SPEC (default jax[tpu]) and the
 #      project (skip with --no-install once done);
 #   3. run `python -m ddpm_jax.train TRAIN_ARGS` on all workers at once, each
-#      logging to ~/ddpm_train.log. jax.distributed needs no arguments on TPU.
+#      logging to ~/ddpm_train.log, with DDPM_JAX_DISTRIBUTED=1: every worker
+#      calls jax.distributed.initialize(), which needs no arguments on TPU.
 # --env exports VAR=VALUE for the training processes (repeatable).
 # --detach starts training under nohup and returns; follow it with
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/ddpm_train.log'
@@ -77,7 +78,10 @@ install_cmd+=" && python3 -m venv .venv && .venv/bin/pip install -q -U pip"
 install_cmd+=" && .venv/bin/pip install -q $(quote "$jax_spec") -e ."
 train_cmd="cd $remote_dir && "
 ((detach)) && train_cmd+="nohup "
-((${#envs[@]})) && train_cmd+="env $(quote "${envs[@]}")"
+# A TPU VM slice lists its workers in the metadata server, not in the
+# environment: tell ddpm_jax.train to call jax.distributed.initialize().
+train_cmd+="env DDPM_JAX_DISTRIBUTED=1 "
+((${#envs[@]})) && train_cmd+="$(quote "${envs[@]}")"
 train_cmd+="$(quote .venv/bin/python -m ddpm_jax.train "$@")"
 if ((detach)); then
   # All three streams redirected, so ssh returns at once. $(hostname) is

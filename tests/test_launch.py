@@ -172,6 +172,7 @@ def fake_pod(tmp_path):
       #!/usr/bin/env bash
       printf '%s\\n' "$@" > "$HOME/train_args.txt"
       echo "TFDS_DATA_DIR=${TFDS_DATA_DIR:-}" > "$HOME/train_env.txt"
+      echo "DDPM_JAX_DISTRIBUTED=${DDPM_JAX_DISTRIBUTED:-}" >> "$HOME/train_env.txt"
       echo "training on $(pwd)"
       """)
   env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -197,7 +198,9 @@ def test_tpu_real_run_with_fake_gcloud(fake_pod):
     assert "jax[tpu]" in pip_args and pip_args[-2:] == ["-e", "."]
     assert (home / "train_args.txt").read_text().splitlines() == [
         "-m", "ddpm_jax.train", *TRAIN_ARGS]
-    assert (home / "train_env.txt").read_text().strip() == "TFDS_DATA_DIR=/mnt/a b"
+    # Every worker is told to call jax.distributed.initialize().
+    assert (home / "train_env.txt").read_text().splitlines() == [
+        "TFDS_DATA_DIR=/mnt/a b", "DDPM_JAX_DISTRIBUTED=1"]
     assert "training on" in (home / "ddpm_train.log").read_text()
   # The local archive is removed again.
   assert archives() == before
