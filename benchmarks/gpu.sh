@@ -2,9 +2,9 @@
 # The GPU measurements of benchmarks/RESULTS.md (~15 min on an H100, most of
 # it compiling; run a few steps per call where calls are limited).
 #
-#   bash benchmarks/gpu.sh [--smoke] [--steps mfu,sample,mem256,peer] [OUTDIR]
+#   bash benchmarks/gpu.sh [--smoke] [--steps mfu,sample,mem256,peer,profile] [OUTDIR]
 #
-# On the first GPU that JAX sees, in this order (default: all four):
+# On the first GPU that JAX sees, in this order (default: the first four):
 #   1. mfu:     CIFAR-10 U-Net, bfloat16, batch 128: training images/s and MFU
 #               (of the H100 SXM's 989 dense bf16 TFLOP/s), sampling evals/s.
 #   2. sample:  50,000 CIFAR-10 samples, bfloat16, 1000 ancestral steps and
@@ -14,12 +14,16 @@
 #               (compiling it took over 170 s on an H100).
 #   4. peer:    CIFAR-10, float32 (TF32 on both sides), batch 128, against
 #               diffusers' UNet2DModel on the same GPU.
+#   5. profile: as mfu, one jax.profiler trace of 5 train steps, 5 sampling
+#               steps and a forward pass: per-op summaries in profile.log,
+#               the traces as OUTDIR/{train,sample,forward}.trace.json.gz
+#               (read them with python -m benchmarks.trace_summary FILE).
 # Each step has its own time limit and log; JSON results and logs go to
 # OUTDIR (default gpu_results/). --smoke runs the same steps on the tiny
 # digits model (CPU is fine): a check of this script, not a measurement.
 set -uo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 smoke=0
 out=gpu_results
 steps=mfu,sample,mem256,peer
@@ -37,12 +41,13 @@ while (($#)); do
 done
 for s in ${steps//,/ }; do
   case "$s" in
-    mfu|sample|mem256|peer) ;;
-    *) echo "error: unknown step '$s' in --steps (mfu, sample, mem256, peer)" >&2; exit 2 ;;
+    mfu|sample|mem256|peer|profile) ;;
+    *) echo "error: unknown step '$s' in --steps (mfu, sample, mem256, peer, profile)" >&2
+       exit 2 ;;
   esac
 done
 if [[ -z "${steps//,/}" ]]; then
-  echo "error: --steps needs a comma-separated list of mfu, sample, mem256, peer" >&2
+  echo "error: --steps needs a comma-separated list of mfu, sample, mem256, peer, profile" >&2
   exit 2
 fi
 mkdir -p "$out"
@@ -84,11 +89,13 @@ if ((smoke)); then
   sample_args=(--num_samples 8 --batch_size 4 --measured_steps 2 --repeats 1)
   mem_args=(--batch_size 4 --repeats 1 --train_iters 1)
   peer_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
+  profile_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
 else
   mfu_args=(--batch_size 128 --repeats 3 --train_iters 20 --sample_steps 20)
   sample_args=(--num_samples 50000 --batch_size 2500 --measured_steps 20 --repeats 3)
   mem_args=(--batch_size 64 --repeats 2 --train_iters 3)
   peer_args=(--batch_size 128 --repeats 3 --train_iters 10 --sample_steps 10)
+  profile_args=(--batch_size 128 --repeats 1 --train_iters 5 --sample_steps 5)
 fi
 
 step mfu 180 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
@@ -99,4 +106,12 @@ step mem256 420 benchmarks.throughput --config "$big" --dtype bfloat16 --remat -
 # JAX takes 75% of the GPU's memory by default; leave torch room beside it.
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step peer 180 benchmarks.throughput --config "$cifar" \
   --compare diffusers "${peer_args[@]}"
+traces=$(mktemp -d)
+step profile 240 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
+  --profile "$traces" "${profile_args[@]}"
+for part in train sample forward; do
+  newest=$(find "$traces/$part" -name '*.trace.json.gz' 2>/dev/null | sort | tail -1)
+  [[ -n "$newest" ]] && cp "$newest" "$out/$part.trace.json.gz"
+done
+rm -rf "$traces"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true

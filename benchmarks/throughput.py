@@ -25,6 +25,7 @@ and each timed call follows an untimed one of the same side.
 """
 import argparse
 import copy
+import os
 import sys
 from typing import Any, Optional
 
@@ -218,7 +219,8 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
                   sample_steps: int = 4, compare: str = "none",
                   torch_threads: Optional[int] = None, seed: int = 0,
                   matmul_size: Optional[int] = None, peak_tflops: Optional[float] = None,
-                  parts: tuple[str, ...] = PARTS, log=print) -> dict[str, Any]:
+                  parts: tuple[str, ...] = PARTS, profile_dir: Optional[str] = None,
+                  log=print) -> dict[str, Any]:
   """Runs the interleaved measurements; returns every number (see module doc).
 
   Returns:
@@ -229,7 +231,10 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
     `peak_tflops`, the chip's nominal peak for the dtype (e.g. 989 for an
     H100 SXM in bfloat16), adds the train step's model FLOP utilisation.
     `parts` (a subset of `PARTS`) limits what is compiled and timed, e.g.
-    ('train',) for the training memory of a large model.
+    ('train',) for the training memory of a large model. With `profile_dir`,
+    one more call of each of our parts (train: `train_iters` steps) runs under
+    `jax.profiler.trace(profile_dir/PART)` after the timings, and a per-op
+    summary of each trace is printed and returned under `profile`.
   """
   if compare not in COMPARE:
     raise ValueError(f"--compare must be one of {COMPARE}, got {compare!r}.")
@@ -348,8 +353,20 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
         kind: measure.summary([b / a for a, b in zip(cpu_times[kind]["ours"],
                                                      cpu_times[kind]["theirs"])])
         for kind in times}
+  if profile_dir:
+    from benchmarks import trace_summary  # pylint: disable=g-import-not-at-top
+    result["profile"] = {}
+    for kind in parts:
+      where = os.path.join(profile_dir, kind)
+      with jax.profiler.trace(where):
+        getattr(ours, kind)(*([train_iters] if kind == "train" else []))
+      steps = {"train": train_iters, "sample": sample_steps}.get(kind, 1)
+      summary = trace_summary.summarize(where, steps)
+      log(f"== profile of ours, {kind} (per {'step' if kind != 'forward' else 'call'}):")
+      trace_summary.report(summary, top=15, log=log)
+      result["profile"][kind] = summary
   result["peak_memory"] = measure.peak_memory()
-  result["load_average_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
+  result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
   report(result, log)
   return result
 
@@ -434,6 +451,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="the chip's nominal peak TFLOP/s for --dtype, for the train MFU "
                       "(e.g. 989 for an H100 SXM in bfloat16)")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="after the timings, trace one more call of each part with "
+                      "jax.profiler into DIR/PART and print where the time goes")
   parser.add_argument("--json", default=None, help="also write every number to this file")
   args = parser.parse_args(argv)
   if args.quick:
@@ -450,7 +470,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
                            compare=args.compare, torch_threads=args.torch_threads,
                            peak_tflops=args.peak_tflops,
-                           parts=tuple(p for p in args.parts.split(",") if p))
+                           parts=tuple(p for p in args.parts.split(",") if p),
+                           profile_dir=args.profile)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

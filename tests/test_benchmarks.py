@@ -120,6 +120,20 @@ def test_throughput_train_only():
   assert "train images/s" in text and "sample evals/s" not in text
 
 
+def test_throughput_profile(tmp_path):
+  """--profile traces each part once more and summarises it per op kind."""
+  lines = []
+  result = throughput.run_benchmark(tiny_config(), batch_size=2, repeats=1, train_iters=2,
+                                    sample_steps=2, matmul_size=256, parts=("train", "forward"),
+                                    profile_dir=str(tmp_path), log=lines.append)
+  assert set(result["profile"]) == {"train", "forward"}
+  for part in ("train", "forward"):
+    summary = result["profile"][part]
+    assert summary["trace"].startswith(str(tmp_path / part))
+    assert summary["ops"] and 0 < summary["busy_ms"] <= summary["span_ms"]
+  assert any(line.startswith("== profile of ours, train") for line in lines)
+
+
 def test_flops_without_lowered_cost_analysis(monkeypatch):
   """On GPU, JAX 0.11 gives no cost analysis of lowered programs: a direct-conv
   model then counts the compiled program's FLOPs, close to the lowered count."""

@@ -1,0 +1,74 @@
+"""benchmarks.trace_summary on a hand-written GPU trace (exact numbers) and on
+a real CPU trace of a jitted function."""
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import trace_summary
+
+
+def write_trace(path, events):
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def gpu_trace(path):
+  meta = lambda pid, name: {"ph": "M", "pid": pid, "name": "process_name",
+                            "args": {"name": name}}
+  kernel = lambda ts, dur, name, op=None, pid=2: {
+      "ph": "X", "pid": pid, "tid": 1, "ts": ts, "dur": dur, "name": name,
+      "args": {"hlo_op": op} if op else {}}
+  write_trace(path, [
+      meta(1, "/host:CPU"), meta(2, "/device:GPU:0 (NVIDIA H100)"),
+      kernel(0, 50, "python work", pid=1),           # host: ignored
+      kernel(100, 10, "sm90_gemm_kernel", "dot.1"),  # named by its HLO op
+      kernel(105, 10, "other_stream", "dot.2"),      # overlaps: busy counts once
+      kernel(200, 30, "loop_add_fusion.3"),
+      kernel(300, 20, "loop_add_fusion.4.1"),
+  ])
+
+
+def test_gpu_trace_kinds_busy_and_span(tmp_path):
+  path = tmp_path / "x.trace.json.gz"
+  gpu_trace(path)
+  s = trace_summary.summarize(str(path), steps=2)
+  assert s["device"] == "/device:GPU:0 (NVIDIA H100)"
+  # Device events only: 100..320 us; busy = 15 (100-115) + 30 + 20 = 65 us; per step / 2.
+  assert s["span_ms"] == pytest.approx(0.220 / 2)
+  assert s["busy_ms"] == pytest.approx(0.065 / 2)
+  assert [(r["kind"], r["ms"], r["count"]) for r in s["ops"]] == [
+      ("loop_add_fusion", pytest.approx(0.025), 1), ("dot", pytest.approx(0.010), 1)]
+  assert sum(r["percent"] for r in s["ops"]) == pytest.approx(100)
+
+
+def test_directory_takes_the_trace_inside(tmp_path):
+  (tmp_path / "plugins" / "profile" / "run").mkdir(parents=True)
+  gpu_trace(tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz")
+  assert trace_summary.summarize(str(tmp_path))["ops"][0]["kind"] == "loop_add_fusion"
+
+
+def test_cpu_trace_of_a_real_program(tmp_path):
+  f = jax.jit(lambda a, b: jnp.tanh(a @ b) + 1.0)
+  a = jnp.ones((256, 256))
+  f(a, a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      f(a, a).block_until_ready()
+  s = trace_summary.summarize(str(tmp_path), steps=3)
+  assert s["device"] == "cpu"
+  kinds = {r["kind"]: r for r in s["ops"]}
+  # One matmul per call (XLA names it dot, or a YNNPACK/oneDNN fusion).
+  matmul = [k for k in kinds if "dot" in k or k.endswith("_fusion")]
+  assert matmul and all(r["ms"] > 0 for r in s["ops"])
+  assert 0 < s["busy_ms"] <= s["span_ms"]
+
+
+def test_cli_errors(tmp_path, capsys):
+  assert trace_summary.main([str(tmp_path)]) == 2
+  assert "no *.trace.json.gz" in capsys.readouterr().err
+  write_trace(tmp_path / "empty.trace.json.gz", [])
+  assert trace_summary.main([str(tmp_path / "empty.trace.json.gz")]) == 2
+  assert "no op events" in capsys.readouterr().err
