@@ -16,8 +16,8 @@ Measures on device 0, for one batch size:
 - compile times, XLA's memory estimate of each program, peak memory.
 
 With `--compare diffusers` the same measurements run on diffusers'
-`UNet2DModel` (same architecture and parameter count, float32, PyTorch with
-every core) with an equivalent PyTorch train step and the `DDPMScheduler`
+`UNet2DModel` (same architecture and parameter count, float32; PyTorch on
+the GPU if it sees one, else with every core) with an equivalent PyTorch train step and the `DDPMScheduler`
 loop, interleaved with ours repeat by repeat (ours, theirs, ours, ...), so
 load from other processes hits both sides; ratios are ours/theirs per repeat,
 reported as median (min, max). Warm-up runs are excluded from every timing,
