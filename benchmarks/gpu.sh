@@ -65,18 +65,6 @@ step() {
   timeout "$limit" "$py" -m "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
-if ((smoke)); then
-  cifar=configs/digits.py:test
-  big=configs/digits.py:test
-  step() {
-    local name=$1
-    shift 2
-    [[ ",$steps," == *",$name,"* ]] || return 0
-    echo "== $name (smoke): $*"
-    "$py" -m "$@" --json "$out/$name.json" >"$out/$name.log" 2>&1
-    echo "== $name: exit $?"
-  }
-fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
   --format=csv 2>/dev/null || echo "(no nvidia-smi)"
@@ -84,7 +72,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 "optax", optax.__version__, jax.devices())' || exit 1
 
 if ((smoke)); then
-  # Tiny sizes: compile in seconds on a CPU.
+  # The tiny digits model and sizes: compile in seconds on a CPU.
+  cifar=configs/digits.py:test
+  big=configs/digits.py:test
   mfu_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
   sample_args=(--num_samples 8 --batch_size 4 --measured_steps 2 --repeats 1)
   mem_args=(--batch_size 4 --repeats 1 --train_iters 1)
