@@ -117,7 +117,7 @@ class Ours:
           config, jit_step(direct_config, direct_model).lower(state, self.batch), self._train)
       self.state = state
     else:
-      del state
+      del state  # frees the optimiser state before the other parts compile
 
     if "sample" in parts:
       keys = example_keys(seed, batch_size)
@@ -142,13 +142,13 @@ class Ours:
     """FLOPs of the direct-convolution program (`direct_lowered`).
 
     JAX 0.11 gives no cost analysis of lowered programs on GPU (seen on an
-    H100); there 'auto' runs direct convolutions, so the `compiled` program
-    (when given) has the same count.
+    H100); where the model runs only direct convolutions (there 'auto'
+    does), the `compiled` program (when given) has the same count.
     """
+    from ddpm_jax.models import layers  # pylint: disable=g-import-not-at-top
     flops = measure.cost_flops(direct_lowered)
-    runs_direct = config.model.conv_algorithm == "direct" or (
-        config.model.conv_algorithm == "auto" and jax.default_backend() != "cpu")
-    if flops is None and compiled is not None and runs_direct:
+    if (flops is None and compiled is not None
+        and not layers.may_use_winograd(config.model.conv_algorithm)):
       flops = measure.cost_flops(compiled)
     return flops
 

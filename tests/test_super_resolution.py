@@ -127,8 +127,8 @@ def test_low_res_is_nearest_upsampled_and_concatenated_after_x(sr_model):
   got = np.asarray(state["intermediates"]["conv_in"]["__call__"][0])
   up = lr.repeat(2, axis=1).repeat(2, axis=2)
   want = oracles.conv3x3_f64(np.concatenate([x, up], axis=-1),
-                      np.asarray(params["conv_in"]["kernel"], np.float64),
-                      np.asarray(params["conv_in"]["bias"], np.float64))
+                             np.asarray(params["conv_in"]["kernel"], np.float64),
+                             np.asarray(params["conv_in"]["bias"], np.float64))
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 

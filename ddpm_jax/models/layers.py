@@ -133,6 +133,18 @@ MIN_WINOGRAD_ROWS = 128
 MIN_WINOGRAD_CHANNELS = 128
 
 
+def may_use_winograd(algorithm: str) -> bool:
+  """False when ``algorithm`` runs every 3x3 convolution directly here.
+
+  'auto' considers Winograd only on a CPU backend (see ``winograd_tile``).
+  """
+  if algorithm not in CONV_ALGORITHMS:
+    raise ValueError(f"conv_algorithm={algorithm!r} is not one of "
+                     f"{CONV_ALGORITHMS}")
+  return algorithm == "winograd" or (algorithm == "auto"
+                                     and jax.default_backend() == "cpu")
+
+
 def winograd_tile(algorithm: str, batch: int, height: int, width: int,
                   in_ch: int, out_ch: int, dtype: Dtype = jnp.float32) -> int:
   """How a stride-1 3x3 convolution ``[B, H, W, in_ch] -> [.., out_ch]`` runs.
@@ -153,12 +165,8 @@ def winograd_tile(algorithm: str, batch: int, height: int, width: int,
     so only fewer multiplications help; GPU and TPU compilers choose their
     own convolution algorithms, which the direct form leaves them free to do.
   """
-  if algorithm not in CONV_ALGORITHMS:
-    raise ValueError(f"conv_algorithm={algorithm!r} is not one of "
-                     f"{CONV_ALGORITHMS}")
-  if algorithm == "direct" or algorithm == "auto" and (
-      jax.default_backend() != "cpu"
-      or min(in_ch, out_ch) < MIN_WINOGRAD_CHANNELS):
+  if not may_use_winograd(algorithm) or (
+      algorithm == "auto" and min(in_ch, out_ch) < MIN_WINOGRAD_CHANNELS):
     return 0
   precise = jnp.finfo(dtype).bits >= 32
   for m in winograd.TILES[::-1]:
