@@ -112,7 +112,7 @@ def peak_memory() -> dict:
                 source=f"{jax.devices()[0].platform} device 0 peak_bytes_in_use")
   # ru_maxrss is in KiB on Linux.
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  return dict(bytes=int(rss), source="process peak RSS (getrusage; includes torch if loaded)")
+  return dict(bytes=int(rss), source="process peak RSS (getrusage)")
 
 
 def _version(name: str) -> str:

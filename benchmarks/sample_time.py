@@ -7,7 +7,8 @@
 Ours runs the sampler of `ddpm_jax.sample` (`sampling.sample_steps`: the
 chain in compiled chunks of a `lax` loop, respaced with 'ddimK' for DDIM). The peer runs
 the loop of diffusers' `DDPMPipeline` / `DDIMPipeline` (`unet(x, t).sample`
-then `scheduler.step`) on the same network. Each side times `measured_steps`
+then `scheduler.step`) on the same network, in a process of its own
+(`peer_process`). Each side times `measured_steps`
 steps of one batch (interleaved, repeated, warm-up excluded); the time for N
 samples is extrapolated as ceil(N / batch) * steps * (median time per step),
 and printed as such. With measured_steps >= the chain length the whole chain
@@ -22,6 +23,8 @@ from typing import Any, Optional
 import jax
 
 from benchmarks import measure
+from benchmarks import peer_process
+from ddpm_jax import host_malloc
 
 COMPARE = ("none", "diffusers")
 
@@ -53,16 +56,33 @@ def _ours(config, sampler: str, steps: Optional[int], batch_size: int, measured:
   return timer, num, measured, compile_s
 
 
-def _theirs(unet, config, sampler: str, steps: Optional[int], batch_size: int,
-            measured: int, seed: int):
-  from benchmarks import peer  # pylint: disable=g-import-not-at-top
-  timesteps, init, run = peer.make_sampler(config, unet, batch_size, sampler=sampler,
-                                           num_inference_steps=steps, seed=seed)
-  x = init()
-  part = timesteps[:measured]
-  timer = lambda: measure.timed_wall_cpu(lambda: run(x, part))
-  timer()  # warm-up
-  return timer, len(timesteps), len(part)
+class TheirChains:
+  """The peer's chains (diffusers' pipeline loop); built in its own process (`peer_process`)."""
+
+  def __init__(self, config, batch_size: int, seed: int, threads: Optional[int]):
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    self._config, self._batch_size, self._seed = config, batch_size, seed
+    self._unet = peer.create_unet(config, seed, threads)
+    self._timer = None
+
+  def torch_threads(self) -> int:
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    return peer.setup_torch().get_num_threads()
+
+  def prepare(self, sampler: str, steps: Optional[int], measured: int) -> tuple[int, int]:
+    """Sets up the chain `time()` runs; returns (its steps, the steps timed)."""
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    timesteps, init, run = peer.make_sampler(self._config, self._unet, self._batch_size,
+                                             sampler=sampler, num_inference_steps=steps,
+                                             seed=self._seed)
+    x = init()
+    part = timesteps[:measured]
+    self._timer = lambda: measure.timed_wall_cpu(lambda: run(x, part))
+    self._timer()  # warm-up
+    return len(timesteps), len(part)
+
+  def time(self) -> tuple[float, float]:
+    return self._timer()
 
 
 def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: int = 20,
@@ -97,24 +117,35 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
       setup=dict(num_samples=num_samples, batch_size=batch_size, num_batches=num_batches,
                  measured_steps=measured_steps, repeats=repeats, dtype=config.model.dtype))
   log(f"machine: {result['machine']}")
-  unet = None
+  theirs = None
   if compare == "diffusers":
-    from benchmarks import peer  # pylint: disable=g-import-not-at-top
-    unet = peer.create_unet(config, seed, torch_threads)
-    result["setup"]["torch_threads"] = peer.setup_torch().get_num_threads()
+    theirs = peer_process.PeerProcess(TheirChains, config, batch_size, seed, torch_threads)
+    result["setup"]["torch_threads"] = theirs.torch_threads()
+  try:
+    _time_samplers(config, result, theirs, num_samples=num_samples, batch_size=batch_size,
+                   num_batches=num_batches, measured_steps=measured_steps,
+                   ddim_steps=ddim_steps, repeats=repeats, seed=seed, log=log)
+  finally:
+    if theirs is not None:
+      theirs.close()
+  result["peak_memory"] = measure.peak_memory()
+  return result
 
+
+def _time_samplers(config, result, theirs, *, num_samples, batch_size, num_batches,
+                   measured_steps, ddim_steps, repeats, seed, log) -> None:
+  """Fills `result[label]` for both samplers (see `run_benchmark`)."""
   for sampler, steps in (("ancestral", None), ("ddim", ddim_steps)):
     label = "ancestral" if steps is None else f"ddim{steps}"
     ours, num, measured, compile_s = _ours(config, sampler, steps, batch_size,
                                            measured_steps, seed)
     sides = {"ours": ours}
-    if unet is not None:
-      theirs, their_num, their_measured = _theirs(unet, config, sampler, steps, batch_size,
-                                                  measured_steps, seed)
+    if theirs is not None:
+      their_num, their_measured = theirs.prepare(sampler, steps, measured_steps)
       if (their_num, their_measured) != (num, measured):
         raise AssertionError(f"{label}: peer chain has {their_num} steps ({their_measured} "
                              f"timed), ours {num} ({measured}).")
-      sides["theirs"] = theirs
+      sides["theirs"] = theirs.time
     step_times = {name: [] for name in sides}
     step_cpu = {name: [] for name in sides}
     for _ in range(repeats):
@@ -144,11 +175,10 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
     if "ratio" in entry:
       log(f"  ours/theirs speed: {measure.fmt(entry['ratio'])}; from CPU seconds "
           f"{measure.fmt(entry['ratio_cpu_time'])}")
-  result["peak_memory"] = measure.peak_memory()
-  return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
+  """The command line; `malloc` is what `host_malloc.tune_for_xla_cpu` did (recorded)."""
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.sample_time", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.repeats, args.measured_steps = 1, 2
+  print(f"glibc malloc tuning (ddpm_jax.host_malloc): {malloc}", flush=True)
   try:
     config = measure.load_config(args.config)
     if args.dtype:
@@ -183,6 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  result["malloc"] = malloc
   result["command"] = "python -m benchmarks.sample_time " + " ".join(
       sys.argv[1:] if argv is None else argv)
   if args.json:
@@ -191,4 +223,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # As the ddpm_jax commands do, before JAX starts (applies to the peer too).
+  sys.exit(main(malloc=host_malloc.tune_for_xla_cpu()))

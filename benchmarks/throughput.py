@@ -17,11 +17,13 @@ Measures on device 0, for one batch size:
 
 With `--compare diffusers` the same measurements run on diffusers'
 `UNet2DModel` (same architecture and parameter count, float32; PyTorch on
-the GPU if it sees one, else with every core) with an equivalent PyTorch train step and the `DDPMScheduler`
-loop, interleaved with ours repeat by repeat (ours, theirs, ours, ...), so
-load from other processes hits both sides; ratios are ours/theirs per repeat,
-reported as median (min, max). Warm-up runs are excluded from every timing,
-and each timed call follows an untimed one of the same side.
+the GPU if it sees one, else with every core) with an equivalent PyTorch
+train step and the `DDPMScheduler` loop, interleaved with ours repeat by
+repeat (ours, theirs, ours, ...), so load from other processes hits both
+sides; ratios are ours/theirs per repeat, reported as median (min, max).
+The peer runs in a process of its own (`peer_process`), as each library
+runs for its users. Warm-up runs are excluded from every timing, and each timed
+call follows an untimed one of the same side.
 """
 import argparse
 import copy
@@ -34,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import measure
+from benchmarks import peer_process
+from ddpm_jax import host_malloc
 
 COMPARE = ("none", "diffusers")
 PARTS = ("train", "sample", "forward")
@@ -133,9 +137,10 @@ class Ours:
     self.forward_flops = self._direct_flops(
         config, fwd_of(direct_model).lower(*self._fwd_args),
         self._fwd if "forward" in parts else None)
-    # Warm-up (excluded from timings): first calls allocate and page in.
+    # Warm-up (excluded from timings): first calls allocate and page in;
+    # the train step's memory settles over its first steps (2, as the peer's).
     for part in parts:
-      getattr(self, part)(*([1] if part == "train" else []))
+      getattr(self, part)(*([2] if part == "train" else []))
 
   @staticmethod
   def _direct_flops(config, direct_lowered, compiled) -> Optional[float]:
@@ -214,6 +219,10 @@ class Theirs:
   def forward(self) -> tuple[float, float]:
     return measure.timed_wall_cpu(self._fwd)
 
+  def describe(self) -> dict[str, Any]:
+    return dict(num_params=self.num_params, torch_threads=self.threads, device=self.device,
+                peak_memory=measure.peak_memory())
+
 
 def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int = 2,
                   sample_steps: int = 4, compare: str = "none",
@@ -270,103 +279,107 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
       f"{k} {v:.1f} s" for k, v in ours.compile_s.items()))
   theirs = None
   if compare == "diffusers":
-    theirs = Theirs(config, batch_size, sample_steps, seed, torch_threads, parts)
-    if theirs.num_params != ours.num_params:
+    theirs = peer_process.PeerProcess(Theirs, config, batch_size, sample_steps, seed,
+                                      torch_threads, parts)
+  try:
+    their_params = theirs.describe()["num_params"] if theirs is not None else ours.num_params
+    if their_params != ours.num_params:
       raise AssertionError(f"Not the same network: ours {ours.num_params:,} params, diffusers "
-                           f"{theirs.num_params:,}.")
+                           f"{their_params:,}.")
 
-  times = {k: {"ours": [], "theirs": []} for k in parts}
-  cpu_times = {k: {"ours": [], "theirs": []} for k in times}
-  matmul_gflops = []
-  for r in range(repeats):
-    # The peak is re-measured beside the forward passes it is compared with,
-    # so a change of load on a shared machine hits both.
-    matmul_gflops.append(matmul())
-    for kind in parts:
-      args = (train_iters,) if kind == "train" else ()
-      for name, side in (("ours", ours), ("theirs", theirs)):
-        if side is not None:
-          # One untimed call first: the first call after the other side ran
-          # is up to 2x slower (measured on a shared VM: memory the other
-          # side freed is faulted back in), a cost that a real run, which
-          # only ever runs one side, never pays.
-          if theirs is not None:
-            getattr(side, kind)(*([1] if kind == "train" else []))
-          wall, cpu = getattr(side, kind)(*args)
-          times[kind][name].append(wall)
-          cpu_times[kind][name].append(cpu)
-    log(f"repeat {r + 1}/{repeats}: matmul {matmul_gflops[-1]:.1f} GFLOP/s, wall " + ", ".join(
-        f"{k} {v['ours'][-1]:.3f} s" + (f" (theirs {v['theirs'][-1]:.3f} s)" if theirs else "")
-        for k, v in times.items()))
+    times = {k: {"ours": [], "theirs": []} for k in parts}
+    cpu_times = {k: {"ours": [], "theirs": []} for k in times}
+    matmul_gflops = []
+    for r in range(repeats):
+      # The peak is re-measured beside the forward passes it is compared with,
+      # so a change of load on a shared machine hits both.
+      matmul_gflops.append(matmul())
+      for kind in parts:
+        args = (train_iters,) if kind == "train" else ()
+        for name, side in (("ours", ours), ("theirs", theirs)):
+          if side is not None:
+            # One untimed call first, so each timed call follows one of
+            # its own side, as in a real run (caches and thread pools warm).
+            if theirs is not None:
+              getattr(side, kind)(*([1] if kind == "train" else []))
+            wall, cpu = getattr(side, kind)(*args)
+            times[kind][name].append(wall)
+            cpu_times[kind][name].append(cpu)
+      log(f"repeat {r + 1}/{repeats}: matmul {matmul_gflops[-1]:.1f} GFLOP/s, wall " + ", ".join(
+          f"{k} {v['ours'][-1]:.3f} s" + (f" (theirs {v['theirs'][-1]:.3f} s)" if theirs else "")
+          for k, v in times.items()))
 
-  def rates(name):
-    t = times
-    out = dict(cpu_s={})
-    if "train" in parts:
-      out["train_images_per_s"] = measure.summary(
-          [batch_size * train_iters / s for s in t["train"][name]])
-      out["cpu_s"]["train_step"] = measure.summary(
-          [c / train_iters for c in cpu_times["train"][name]])
-    if "sample" in parts:
-      out["sample_evals_per_s"] = measure.summary(
-          [batch_size * sample_steps / s for s in t["sample"][name]])
-      out["cpu_s"]["sample_step"] = measure.summary(
-          [c / sample_steps for c in cpu_times["sample"][name]])
-      if ours.forward_flops:
-        out["sample_gflops"] = measure.summary(
-            [ours.forward_flops * sample_steps / s / 1e9 for s in t["sample"][name]])
-    if "forward" in parts:
-      out["forward_s"] = measure.summary(t["forward"][name])
-      out["cpu_s"]["forward"] = measure.summary(cpu_times["forward"][name])
-      if ours.forward_flops:
-        out["forward_gflops"] = measure.summary(
-            [ours.forward_flops / s / 1e9 for s in t["forward"][name]])
-        out["forward_fraction_of_matmul"] = measure.summary(
-            [ours.forward_flops / s / 1e9 / m
-             for s, m in zip(t["forward"][name], matmul_gflops)])
-    if "train" in parts and ours.train_flops:
-      out["train_gflops"] = measure.summary(
-          [ours.train_flops * train_iters / s / 1e9 for s in t["train"][name]])
-      out["train_fraction_of_matmul"] = measure.summary(
-          [ours.train_flops * train_iters / s / 1e9 / m
-           for s, m in zip(t["train"][name], matmul_gflops)])
-      if peak_tflops:
-        out["train_mfu"] = measure.summary(
-            [ours.train_flops * train_iters / s / 1e12 / peak_tflops for s in t["train"][name]])
-    return out
+    def rates(name):
+      t = times
+      out = dict(cpu_s={})
+      if "train" in parts:
+        out["train_images_per_s"] = measure.summary(
+            [batch_size * train_iters / s for s in t["train"][name]])
+        out["cpu_s"]["train_step"] = measure.summary(
+            [c / train_iters for c in cpu_times["train"][name]])
+      if "sample" in parts:
+        out["sample_evals_per_s"] = measure.summary(
+            [batch_size * sample_steps / s for s in t["sample"][name]])
+        out["cpu_s"]["sample_step"] = measure.summary(
+            [c / sample_steps for c in cpu_times["sample"][name]])
+        if ours.forward_flops:
+          out["sample_gflops"] = measure.summary(
+              [ours.forward_flops * sample_steps / s / 1e9 for s in t["sample"][name]])
+      if "forward" in parts:
+        out["forward_s"] = measure.summary(t["forward"][name])
+        out["cpu_s"]["forward"] = measure.summary(cpu_times["forward"][name])
+        if ours.forward_flops:
+          out["forward_gflops"] = measure.summary(
+              [ours.forward_flops / s / 1e9 for s in t["forward"][name]])
+          out["forward_fraction_of_matmul"] = measure.summary(
+              [ours.forward_flops / s / 1e9 / m
+               for s, m in zip(t["forward"][name], matmul_gflops)])
+      if "train" in parts and ours.train_flops:
+        out["train_gflops"] = measure.summary(
+            [ours.train_flops * train_iters / s / 1e9 for s in t["train"][name]])
+        out["train_fraction_of_matmul"] = measure.summary(
+            [ours.train_flops * train_iters / s / 1e9 / m
+             for s, m in zip(t["train"][name], matmul_gflops)])
+        if peak_tflops:
+          out["train_mfu"] = measure.summary(
+              [ours.train_flops * train_iters / s / 1e12 / peak_tflops for s in t["train"][name]])
+      return out
 
-  result["matmul_gflops"] = measure.summary(matmul_gflops)
-  result["ours"] = rates("ours")
-  result["ours"].update(
-      num_params=ours.num_params, forward_gflop=(ours.forward_flops or 0) / 1e9,
-      train_step_gflop=(ours.train_flops or 0) / 1e9,
-      compile_s=ours.compile_s, program_bytes=ours.program_bytes)
-  if theirs is not None:
-    result["theirs"] = rates("theirs")
-    result["theirs"].update(num_params=theirs.num_params, torch_threads=theirs.threads,
-                            device=theirs.device)
-    # Higher is better for all three: ours/theirs throughput per repeat.
-    result["ratio"] = {
-        kind: measure.summary([b / a for a, b in zip(times[kind]["ours"], times[kind]["theirs"])])
-        for kind in times}
-    result["ratio_cpu_time"] = {
-        kind: measure.summary([b / a for a, b in zip(cpu_times[kind]["ours"],
-                                                     cpu_times[kind]["theirs"])])
-        for kind in times}
-  if profile_dir:
-    from benchmarks import trace_summary  # pylint: disable=g-import-not-at-top
-    result["profile"] = {}
-    for kind in parts:
-      where = os.path.join(profile_dir, kind)
-      with jax.profiler.trace(where):
-        getattr(ours, kind)(*([train_iters] if kind == "train" else []))
-      steps = {"train": train_iters, "sample": sample_steps}.get(kind, 1)
-      summary = trace_summary.summarize(where, steps)
-      log(f"== profile of ours, {kind} (per {'step' if kind != 'forward' else 'call'}):")
-      trace_summary.report(summary, top=15, log=log)
-      result["profile"][kind] = summary
-  result["peak_memory"] = measure.peak_memory()
-  result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["matmul_gflops"] = measure.summary(matmul_gflops)
+    result["ours"] = rates("ours")
+    result["ours"].update(
+        num_params=ours.num_params, forward_gflop=(ours.forward_flops or 0) / 1e9,
+        train_step_gflop=(ours.train_flops or 0) / 1e9,
+        compile_s=ours.compile_s, program_bytes=ours.program_bytes)
+    if theirs is not None:
+      result["theirs"] = rates("theirs")
+      result["theirs"].update(theirs.describe())
+      # Higher is better for all three: ours/theirs throughput per repeat.
+      result["ratio"] = {
+          kind: measure.summary([b / a for a, b in zip(times[kind]["ours"],
+                                                       times[kind]["theirs"])])
+          for kind in times}
+      result["ratio_cpu_time"] = {
+          kind: measure.summary([b / a for a, b in zip(cpu_times[kind]["ours"],
+                                                       cpu_times[kind]["theirs"])])
+          for kind in times}
+    if profile_dir:
+      from benchmarks import trace_summary  # pylint: disable=g-import-not-at-top
+      result["profile"] = {}
+      for kind in parts:
+        where = os.path.join(profile_dir, kind)
+        with jax.profiler.trace(where):
+          getattr(ours, kind)(*([train_iters] if kind == "train" else []))
+        steps = {"train": train_iters, "sample": sample_steps}.get(kind, 1)
+        summary = trace_summary.summarize(where, steps)
+        log(f"== profile of ours, {kind} (per {'step' if kind != 'forward' else 'call'}):")
+        trace_summary.report(summary, top=15, log=log)
+        result["profile"][kind] = summary
+    result["peak_memory"] = measure.peak_memory()
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+  finally:
+    if theirs is not None:
+      theirs.close()
   report(result, log)
   return result
 
@@ -402,6 +415,8 @@ def report(result: dict, log=print) -> None:
     t = result["theirs"]
     log(f"== diffusers UNet2DModel (torch on {t['device']}, {t['torch_threads']} threads), "
         f"{t['num_params']:,} params")
+    log(f"peak memory:            {t['peak_memory']['bytes'] / 2**20:.0f} MiB "
+        f"({t['peak_memory']['source']}, its own process)")
     if "train_images_per_s" in t:
       log(f"train images/s:         {measure.fmt(t['train_images_per_s'])}")
     if "sample_evals_per_s" in t:
@@ -416,7 +431,8 @@ def report(result: dict, log=print) -> None:
       log(f"{kind + ':':<24}{measure.fmt(s)}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
+  """The command line; `malloc` is what `host_malloc.tune_for_xla_cpu` did (recorded)."""
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.throughput", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -458,6 +474,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.repeats, args.train_iters, args.sample_steps = 1, 1, 2
+  print(f"glibc malloc tuning (ddpm_jax.host_malloc): {malloc}", flush=True)
   try:
     config = measure.load_config(args.config)
     if args.dtype:
@@ -475,6 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  result["malloc"] = malloc
   result["command"] = "python -m benchmarks.throughput " + " ".join(
       sys.argv[1:] if argv is None else argv)
   if args.json:
@@ -483,4 +501,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # As the ddpm_jax commands do, before JAX starts (applies to the peer too).
+  sys.exit(main(malloc=host_malloc.tune_for_xla_cpu()))

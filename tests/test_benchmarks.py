@@ -2,6 +2,8 @@
 the diffusers peer, and report positive finite numbers. No speed assertions:
 timings belong in benchmarks/RESULTS.md, not in tests.
 """
+import collections
+import fractions
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import pytest
 
 from benchmarks import measure
 from benchmarks import peer
+from benchmarks import peer_process
 from benchmarks import sample_time
 from benchmarks import throughput
 
@@ -218,3 +221,18 @@ def test_gpu_sh_smoke_runs_the_chosen_step(tmp_path):
     result = json.load(f)
   assert result["setup"]["parts"] == ["train"] and result["setup"]["remat"]
   check_summary(result["ours"]["train_images_per_s"])
+
+
+def test_peer_process_calls_and_errors():
+  """The peer object lives in another process: calls return its results, its
+  exceptions are raised again here, and close() ends the process."""
+  with peer_process.PeerProcess(collections.Counter, "abcab") as counter:
+    assert counter.most_common(2) == [("a", 2), ("b", 2)]
+    with pytest.raises(AttributeError, match="no_such_method"):
+      counter.no_such_method()
+    assert counter.total() == 5  # still serving after an error
+    process = counter._process  # pylint: disable=protected-access
+    assert process.pid != os.getpid()
+  assert not process.is_alive()
+  with pytest.raises(ZeroDivisionError):
+    peer_process.PeerProcess(fractions.Fraction, 1, 0)
