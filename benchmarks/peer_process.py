@@ -3,8 +3,8 @@
 A user's run holds one library, not both. In one process the two share
 glibc's heap, so memory either side frees moves under the other: measured on
 a 2-core VM, our first train step after the peer's ran up to 2x slower, and
-with `ddpm_jax.host_malloc`'s settings (one arena, freed memory kept) the
-peer's blocks fragmented the heap our scratch memory is reused from. So the
+once XLA's scratch memory is kept for reuse (`ddpm_jax.cpu_memory`) the
+peer's blocks fragment the heap it is reused from. So the
 benchmarks build the peer in a spawned process and drive it call by call,
 interleaved with ours.
 """
@@ -19,8 +19,8 @@ def _serve(conn, factory, args, kwargs) -> None:
   Every reply is ('ok', result) or ('error', exception); a failed call does
   not end the process, a failed `factory` does.
   """
-  from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.tune_for_xla_cpu()  # the glibc settings of the benchmark's own process
+  from ddpm_jax import cpu_memory  # pylint: disable=g-import-not-at-top
+  cpu_memory.reuse_scratch()  # the settings of the benchmark's own process
 
   try:
     try:

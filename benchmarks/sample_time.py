@@ -24,7 +24,7 @@ import jax
 
 from benchmarks import measure
 from benchmarks import peer_process
-from ddpm_jax import host_malloc
+from ddpm_jax import cpu_memory
 
 COMPARE = ("none", "diffusers")
 
@@ -177,8 +177,8 @@ def _time_samplers(config, result, theirs, *, num_samples, batch_size, num_batch
           f"{measure.fmt(entry['ratio_cpu_time'])}")
 
 
-def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
-  """The command line; `malloc` is what `host_malloc.tune_for_xla_cpu` did (recorded)."""
+def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
+  """The command line; `reuse_scratch`: call `cpu_memory.reuse_scratch()` first (as a command)."""
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.sample_time", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,8 +202,9 @@ def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.repeats, args.measured_steps = 1, 2
-  print(f"glibc malloc tuning (ddpm_jax.host_malloc): {malloc}", flush=True)
   try:
+    scratch = cpu_memory.reuse_scratch() if reuse_scratch else "not set"
+    print(f"XLA CPU scratch reuse (ddpm_jax.cpu_memory): {scratch}", flush=True)
     config = measure.load_config(args.config)
     if args.dtype:
       config.model.dtype = args.dtype
@@ -214,7 +215,7 @@ def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  result["malloc"] = malloc
+  result["cpu_memory"] = scratch
   result["command"] = "python -m benchmarks.sample_time " + " ".join(
       sys.argv[1:] if argv is None else argv)
   if args.json:
@@ -223,5 +224,5 @@ def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
 
 
 if __name__ == "__main__":
-  # As the ddpm_jax commands do, before JAX starts (applies to the peer too).
-  sys.exit(main(malloc=host_malloc.tune_for_xla_cpu()))
+  # As the ddpm_jax commands do, before JAX starts (the peer's process too).
+  sys.exit(main(reuse_scratch=True))

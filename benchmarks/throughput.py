@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import measure
 from benchmarks import peer_process
-from ddpm_jax import host_malloc
+from ddpm_jax import cpu_memory
 
 COMPARE = ("none", "diffusers")
 PARTS = ("train", "sample", "forward")
@@ -431,8 +431,8 @@ def report(result: dict, log=print) -> None:
       log(f"{kind + ':':<24}{measure.fmt(s)}")
 
 
-def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
-  """The command line; `malloc` is what `host_malloc.tune_for_xla_cpu` did (recorded)."""
+def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
+  """The command line; `reuse_scratch`: call `cpu_memory.reuse_scratch()` first (as a command)."""
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.throughput", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -474,8 +474,9 @@ def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
   args = parser.parse_args(argv)
   if args.quick:
     args.repeats, args.train_iters, args.sample_steps = 1, 1, 2
-  print(f"glibc malloc tuning (ddpm_jax.host_malloc): {malloc}", flush=True)
   try:
+    scratch = cpu_memory.reuse_scratch() if reuse_scratch else "not set"
+    print(f"XLA CPU scratch reuse (ddpm_jax.cpu_memory): {scratch}", flush=True)
     config = measure.load_config(args.config)
     if args.dtype:
       config.model.dtype = args.dtype
@@ -492,7 +493,7 @@ def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  result["malloc"] = malloc
+  result["cpu_memory"] = scratch
   result["command"] = "python -m benchmarks.throughput " + " ".join(
       sys.argv[1:] if argv is None else argv)
   if args.json:
@@ -501,5 +502,5 @@ def main(argv: Optional[list[str]] = None, malloc: str = "not tuned") -> int:
 
 
 if __name__ == "__main__":
-  # As the ddpm_jax commands do, before JAX starts (applies to the peer too).
-  sys.exit(main(malloc=host_malloc.tune_for_xla_cpu()))
+  # As the ddpm_jax commands do, before JAX starts (the peer's process too).
+  sys.exit(main(reuse_scratch=True))

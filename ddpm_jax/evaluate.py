@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from ddpm_jax import cli
-from ddpm_jax import host_malloc
+from ddpm_jax import cpu_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
@@ -159,7 +159,7 @@ def run(argv) -> None:
 
 
 def main(argv):
-  cli.exit_on_user_error(host_malloc.tune_for_xla_cpu)  # before JAX starts
+  cli.exit_on_user_error(cpu_memory.reuse_scratch)  # before JAX starts
   cli.quiet_orbax()
   cli.exit_on_user_error(run, argv)
 

@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 
 from ddpm_jax import cli
-from ddpm_jax import host_malloc
+from ddpm_jax import cpu_memory
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -46,7 +46,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.exit_on_user_error(host_malloc.tune_for_xla_cpu)  # before JAX starts
+  cli.exit_on_user_error(cpu_memory.reuse_scratch)  # before JAX starts
   cli.quiet_orbax()
   # Imported after flag parsing so that `--help` is fast.
   from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
