@@ -77,6 +77,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  """`workdir/checkpoints`, absolute: orbax refuses relative paths (a URL stays as is)."""
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / CHECKPOINT_DIR
 
 

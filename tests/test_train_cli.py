@@ -120,6 +120,13 @@ def test_image_folder_trains(tmp_path):
   _tiny_run(config, tmp_path / "run")
 
 
+def test_relative_workdir_trains_and_resumes(tmp_path, monkeypatch):
+  """`--workdir runs/digits` as in the README: orbax wants absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  _tiny_run(digits.get_config("test"), os.path.join("runs", "digits"))
+  assert checkpointing.load_params(os.path.join("runs", "digits"), which="ema")
+
+
 # ---------------------------------------------------------------------------
 # The real CLI with the U-Net (slow: a few U-Net compiles on 2 cores).
 
