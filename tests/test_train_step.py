@@ -116,6 +116,24 @@ def test_scan_steps_per_call_equals_single_steps():
   np.testing.assert_allclose(m3[0]["loss"], [m["loss"] for m in m1], rtol=1e-6)
 
 
+def test_steps_per_call_unrolled_on_cpu():
+  """XLA's CPU backend runs a weight-gradient convolution inside a loop body
+  with its naive convolution (~40x slower): on a CPU the K steps are unrolled,
+  each with its own convolutions."""
+  model, d, state = _setup(_config())
+  batch = _batches(1)[0]
+
+  def convolutions(steps_per_call):
+    config = _config(**{"training.steps_per_call": steps_per_call})
+    step = step_lib.make_train_step(config, model, d)
+    b = batch if steps_per_call == 1 else jax.tree.map(lambda a: np.stack([a] * 3), batch)
+    return jax.jit(step).lower(state, b).compile().as_text().count("convolution(")
+
+  one = convolutions(1)
+  assert one >= 4  # two forward, their weight gradients, ...
+  assert convolutions(3) == 3 * one
+
+
 def test_first_update_is_adam_with_warmup_and_ema():
   """One step against closed forms in float64.
 
@@ -141,6 +159,45 @@ def test_first_update_is_adam_with_warmup_and_ema():
   assert counts == 16
   total = sum(m[0][f"loss_q{i}_sum"] for i in range(4)) / 16
   assert total == pytest.approx(float(m[0]["loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_global_norm_and_clipping_against_float64(backend, monkeypatch):
+  """The norm (per leaf on a CPU, one fused reduction on a GPU: the form is
+  chosen when traced) and the clipping against numpy float64 and optax's own."""
+  import optax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  tree = {"a": jax.random.normal(keys[0], (3, 5, 7)) * 3.0,
+          "b": [jax.random.normal(keys[1], (11,)), jnp.float32(2.5)],
+          "c": jax.random.normal(keys[2], (4, 4)).astype(jnp.bfloat16)}
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+  expected = np.sqrt(sum(np.sum(v * v) for v in leaves))
+  assert float(ts.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
+  assert float(jax.jit(ts.global_norm)(tree)) == pytest.approx(expected, rel=1e-6)
+  assert float(ts.global_norm({})) == 0.0
+  for max_norm in (expected / 4, expected * 2):  # clipped, then left alone
+    ours, state = ts.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    assert isinstance(state, optax.EmptyState)
+    factor = min(1.0, max_norm / expected)
+    for o, v, x in zip(jax.tree.leaves(ours), leaves, jax.tree.leaves(tree)):
+      assert o.dtype == x.dtype
+      tol = 1e-2 if o.dtype == jnp.bfloat16 else 1e-6
+      np.testing.assert_allclose(np.asarray(o, np.float64).ravel(), v * factor, rtol=tol,
+                                 atol=tol * 1e-3)
+    # optax's own clipping (float32 leaves only: its select rejects bfloat16).
+    tree32 = {k: tree[k] for k in ("a", "b")}
+    ours, _ = ts.clip_by_global_norm(max_norm).update(tree32, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(tree32, optax.EmptyState())
+    for o, t in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(np.asarray(o), np.asarray(t), rtol=1e-6)
+  # The optimiser state keeps optax's structure, so older checkpoints restore.
+  config = _config()
+  params = {"w": jnp.ones((3,))}
+  assert (jax.tree.structure(ts.create_optimizer(config).init(params))
+          == jax.tree.structure(optax.chain(
+              optax.clip_by_global_norm(1.0),
+              optax.adam(ts.create_learning_rate_fn(config))).init(params)))
 
 
 def test_learning_rate_schedule_closed_form():
