@@ -81,7 +81,9 @@ class GaussianDiffusion:
     """Derives every constant from `betas` (float64 `[T]`, in (0, 1]).
 
     `timestep_map` (int `[T]`) and `original_num_timesteps` are set by
-    `ddpm_jax.sampling.respace`; leave them out otherwise.
+    `ddpm_jax.sampling.respace`; leave them out otherwise. A last beta of 1
+    (the `jsd` schedule) makes x_T independent of x_0, which an eps-predicting
+    model cannot invert: such a schedule needs `model_mean_type` 'x0' or 'v'.
     """
     _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
     _check_choice("model_var_type", model_var_type, VAR_TYPES)
@@ -91,11 +93,21 @@ class GaussianDiffusion:
       raise ValueError(
           f"model_var_type {model_var_type!r} learns the variance, which the "
           "'mse' loss does not train; use loss_type 'hybrid' or 'kl'.")
+    if loss_type == "hybrid" and not learned:
+      raise ValueError(
+          "loss_type 'hybrid' adds a bound term that trains learned variances; "
+          f"with model_var_type {model_var_type!r} use loss_type 'mse', or "
+          "learn the variance ('learned' or 'learned_range').")
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size < 1:
       raise ValueError(f"betas must be a 1-D array, got shape {betas.shape}.")
     if not (np.all(betas > 0) and np.all(betas <= 1)):
       raise ValueError("betas must all lie in (0, 1].")
+    if betas[-1] == 1.0 and model_mean_type == "eps":
+      raise ValueError(
+          "The last beta is 1 (alpha-bar_T = 0, as in the 'jsd' schedule): x_0 "
+          "cannot be recovered from a predicted eps there; use model_mean_type "
+          "'x0' or 'v', or a schedule with betas < 1.")
     num_timesteps = betas.shape[0]
     if timestep_map is None:
       timestep_map = np.arange(num_timesteps)
@@ -107,6 +119,10 @@ class GaussianDiffusion:
 
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
+    # inf where abar = 0 (a last beta of 1); only the eps -> x_0 conversion
+    # uses it, and such a process refuses eps prediction above.
+    with np.errstate(divide="ignore"):
+      recip_abar = 1.0 / abar
     abar_prev = np.append(1.0, abar[:-1])
     post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
     # The posterior variance is 0 at t = 0: its log reuses the t = 1 value.
@@ -122,8 +138,8 @@ class GaussianDiffusion:
         sqrt_alphas_cumprod=f32(np.sqrt(abar)),
         sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - abar)),
         log_one_minus_alphas_cumprod=f32(np.log(1.0 - abar)),
-        sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / abar)),
-        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / abar - 1.0)),
+        sqrt_recip_alphas_cumprod=f32(np.sqrt(recip_abar)),
+        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(recip_abar - 1.0)),
         posterior_variance=f32(post_var),
         posterior_log_variance_clipped=f32(post_logvar),
         posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
@@ -214,7 +230,9 @@ def q_mean_variance(d: GaussianDiffusion, x_start, t):
   _check_t(d, t, x_start)
   n = x_start.ndim
   mean = extract(d.sqrt_alphas_cumprod, t, n) * x_start
-  variance = extract(1.0 - d.alphas_cumprod, t, n)
+  # Squared from the float64-derived root: 1 - abar in float32 loses digits
+  # where abar is close to 1.
+  variance = extract(jnp.square(d.sqrt_one_minus_alphas_cumprod), t, n)
   log_variance = extract(d.log_one_minus_alphas_cumprod, t, n)
   return mean, variance, log_variance
 
@@ -243,35 +261,57 @@ def q_posterior_mean_variance(d: GaussianDiffusion, x_start, x_t, t):
 
 
 def predict_xstart_from_eps(d: GaussianDiffusion, x_t, t, eps):
-  """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+  """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
+
+  `x_t`, `eps`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns `[B, ...]`.
+  """
+  _check_t(d, t, x_t)
   n = x_t.ndim
   return (extract(d.sqrt_recip_alphas_cumprod, t, n) * x_t -
           extract(d.sqrt_recipm1_alphas_cumprod, t, n) * eps)
 
 
 def predict_eps_from_xstart(d: GaussianDiffusion, x_t, t, x_start):
-  """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1)."""
+  """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t).
+
+  `x_t`, `x_start`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns
+  `[B, ...]`. (This form stays finite where abar_t = 0.)
+  """
+  _check_t(d, t, x_t)
   n = x_t.ndim
-  return ((extract(d.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) /
-          extract(d.sqrt_recipm1_alphas_cumprod, t, n))
+  return ((x_t - extract(d.sqrt_alphas_cumprod, t, n) * x_start) /
+          extract(d.sqrt_one_minus_alphas_cumprod, t, n))
 
 
 def get_v(d: GaussianDiffusion, x_start, noise, t):
-  """The v-target of Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x_0."""
+  """The v-target of Salimans & Ho 2022: v = sqrt(abar) eps - sqrt(1 - abar) x_0.
+
+  `x_start`, `noise`: `[B, ...]` float32 (note the order: like `q_sample`, not
+  like the `predict_*` functions); `t`: int `[B]` in [0, T). Returns `[B, ...]`.
+  """
+  _check_t(d, t, x_start)
   n = x_start.ndim
   return (extract(d.sqrt_alphas_cumprod, t, n) * noise -
           extract(d.sqrt_one_minus_alphas_cumprod, t, n) * x_start)
 
 
 def predict_xstart_from_v(d: GaussianDiffusion, x_t, t, v):
-  """x_0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+  """x_0 = sqrt(abar) x_t - sqrt(1 - abar) v.
+
+  `x_t`, `v`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns `[B, ...]`.
+  """
+  _check_t(d, t, x_t)
   n = x_t.ndim
   return (extract(d.sqrt_alphas_cumprod, t, n) * x_t -
           extract(d.sqrt_one_minus_alphas_cumprod, t, n) * v)
 
 
 def predict_eps_from_v(d: GaussianDiffusion, x_t, t, v):
-  """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
+  """eps = sqrt(1 - abar) x_t + sqrt(abar) v.
+
+  `x_t`, `v`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns `[B, ...]`.
+  """
+  _check_t(d, t, x_t)
   n = x_t.ndim
   return (extract(d.sqrt_one_minus_alphas_cumprod, t, n) * x_t +
           extract(d.sqrt_alphas_cumprod, t, n) * v)
@@ -356,7 +396,10 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     `[B, ...]` log-probabilities in nats. The edge bins take the Gaussian's
     tails (x < -0.999: everything below; x > 0.999: everything above); a floor
     of 1e-12 keeps the log finite. Uses the exact normal CDF (the original
-    code used a tanh approximation of it).
+    code used a tanh approximation of it), and a bin above the mean is
+    measured with the upper tail, 1 - ndtr(z) = ndtr(-z), so that it keeps
+    the same precision as its mirror image below the mean (CDF(upper) -
+    CDF(lower) of two values near 1 cancels).
   """
   centered = x - means
   inv_std = jnp.exp(-log_scales)
@@ -368,7 +411,10 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   log_cdf_upper = jnp.log(jnp.maximum(cdf_upper, 1e-12))
   log_one_minus_cdf_lower = jnp.log(
       jnp.maximum(jax.scipy.special.ndtr(-lower), 1e-12))
-  log_delta = jnp.log(jnp.maximum(cdf_upper - cdf_lower, 1e-12))
+  delta = jnp.where(centered > 0,
+                    jax.scipy.special.ndtr(-lower) - jax.scipy.special.ndtr(-upper),
+                    cdf_upper - cdf_lower)
+  log_delta = jnp.log(jnp.maximum(delta, 1e-12))
   return jnp.where(x < -0.999, log_cdf_upper,
                    jnp.where(x > 0.999, log_one_minus_cdf_lower, log_delta))
 

@@ -81,8 +81,15 @@ def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
                 cond_fn: Optional[CondFn] = None) -> dict:
   """One DDIM step (Song et al. 2021) x_t -> x_{t-1}; eta = 0 is deterministic.
 
-  `cond_fn` (classifier guidance) shifts the score: eps -= sqrt(1 - abar) *
-  cond_fn(x_t, t), as in Dhariwal & Nichol 2021, Algorithm 2.
+  Args:
+    x: `[B, ...]` float32; t: int32 `[B]`; rng: key(s) for the step's noise
+      (unused at eta = 0).
+    eta: the noise scale: 0 deterministic, 1 the ancestral step's variance.
+    cond_fn: classifier guidance: shifts the score, eps -= sqrt(1 - abar) *
+      cond_fn(x_t, t), as in Dhariwal & Nichol 2021, Algorithm 2.
+
+  Returns:
+    dict with `sample` x_{t-1} and `pred_xstart`, both `[B, ...]` float32.
   """
   out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
                              clip_denoised=clip_denoised)
@@ -135,7 +142,8 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
   chain; step t draws its noise from `fold_in(rng, t)`.
 
   Args:
-    x: `[B, ...]` float32, the state at level t_start.
+    x: `[B, ...]`, the state at level t_start; any float dtype (the chain
+      runs in float32: a bfloat16 state would lose the small steps).
     rng: key(s) of the chain (see the module docstring).
     t_start, t_end: ints with 0 <= t_end <= t_start <= T.
     sampler: 'ancestral' or 'ddim'.
@@ -158,9 +166,15 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
   if sampler not in SAMPLERS:
     raise ValueError(
         f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+  concrete = lambda v: isinstance(v, (int, np.integer))
   for name, value in (("t_start", t_start), ("t_end", t_end)):
-    if isinstance(value, (int, np.integer)) and not 0 <= value <= d.num_timesteps:
+    if concrete(value) and not 0 <= value <= d.num_timesteps:
       raise ValueError(f"{name}={value} out of range 0..{d.num_timesteps}.")
+  if concrete(t_start) and concrete(t_end) and t_end > t_start:
+    raise ValueError(
+        f"t_end={t_end} > t_start={t_start}: the chain runs backwards in time, "
+        "from level t_start down to t_end.")
+  x = jnp.asarray(x, jnp.float32)
   if (known is None) != (known_mask is None):
     raise ValueError("Inpainting needs both `known` and `known_mask`.")
   if known is not None and jnp.shape(known) != x.shape:
@@ -274,8 +288,8 @@ def ddim_sample_loop(d: GaussianDiffusion, model_fn: ModelFn,
                      clip_denoised: bool = True, noise=None):
   """DDIM sampling over every step of `d` (respace `d` to take fewer steps).
 
-  `noise` (`[*shape]`) replaces the drawn x_T, e.g. a `ddim_reverse_sample_loop`
-  encoding. Returns `[*shape]` float32 samples.
+  `noise` (`[*shape]`, any float dtype) replaces the drawn x_T, e.g. a
+  `ddim_reverse_sample_loop` encoding. Returns `[*shape]` float32 samples.
   """
   x = prior_sample(d, rng, shape) if noise is None else noise
   return sample_steps(d, model_fn, x, rng, d.num_timesteps, 0, sampler="ddim",
@@ -284,8 +298,13 @@ def ddim_sample_loop(d: GaussianDiffusion, model_fn: ModelFn,
 
 def ddim_reverse_sample_loop(d: GaussianDiffusion, model_fn: ModelFn, x_start,
                              clip_denoised: bool = False):
-  """Deterministically encodes data x_0 into x_T (the inverse of eta = 0 DDIM)."""
+  """Deterministically encodes data x_0 into x_T (the inverse of eta = 0 DDIM).
+
+  `x_start`: `[B, ...]` data in [-1, 1], any float dtype. Returns x_T, `[B, ...]`
+  float32 (the chain runs in float32), for `ddim_sample_loop(noise=...)`.
+  """
   batch = x_start.shape[0]
+  x_start = jnp.asarray(x_start, jnp.float32)
 
   def body(t, x):
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
@@ -319,7 +338,9 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
         raise ValueError(
             f"Bad respacing {spec!r}: 'ddim' must be followed by a step count, "
             "as in 'ddim50'.") from None
-      for stride in range(1, num_timesteps + 1):
+      # Strides below T, as in improved DDPM: 'ddim1' (only t = 0, one step
+      # from pure noise at the lowest level) is refused.
+      for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == wanted:
           return list(range(0, num_timesteps, stride))
       raise ValueError(
@@ -351,7 +372,13 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
           f"Respacing {spec!r}: section {i} has {size} steps, cannot keep "
           f"{count} of them.")
     stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-    kept += [start + round(j * stride) for j in range(count)]
+    # A running float sum, rounded half to even, exactly as improved DDPM
+    # does: round(j * stride) differs where the sum's rounding error crosses
+    # a .5 (T=50, K=25 keeps 25 there, 24 here).
+    position = 0.0
+    for _ in range(count):
+      kept.append(start + round(position))
+      position += stride
     start += size
   return sorted(set(kept))
 

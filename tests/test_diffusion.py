@@ -428,3 +428,72 @@ def test_bad_timesteps_and_outputs_raise():
   with pytest.raises(ValueError, match="2C"):  # also at trace time under jit
     jax.jit(lambda x: D.training_losses(
         d_l, lambda x, t: x, x, jnp.array([1, 2]), x))(x)
+
+
+def test_q_variance_keeps_float64_precision_where_abar_is_near_one():
+  for schedule in ("linear", "cosine"):
+    d = make(schedule=schedule)
+    _, abar, _, _ = ref_constants(schedules.get_beta_schedule(schedule, T))
+    t = jnp.array([0, 1, 500, T - 1])
+    _, var, logvar = D.q_mean_variance(d, jnp.zeros((4, 2)), t)
+    ref = 1.0 - abar[np.asarray(t)]
+    np.testing.assert_allclose(np.asarray(var)[:, 0], ref, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(logvar, np.float64))[:, 0], ref,
+                               rtol=1e-6)
+
+
+def test_discretized_likelihood_is_symmetric_far_from_the_mean():
+  """A bin above the mean is as precise as its mirror image below (scipy, float64)."""
+  offsets = np.array([0.012, 0.018, 0.024, 0.03])  # 0.036 is below the 1e-12 floor
+  x = jnp.asarray(np.concatenate([-offsets, offsets]), jnp.float32)
+  log_scale = math.log(0.004)
+  got = np.asarray(D.discretized_gaussian_log_likelihood(
+      x, jnp.float32(0.0), jnp.float32(log_scale)), np.float64)
+  centred = np.asarray(x, np.float64)
+  ref = np.log(stats.norm.cdf(centred + 1 / 255, scale=0.004) -
+               stats.norm.cdf(centred - 1 / 255, scale=0.004))
+  ref_above = np.log(stats.norm.sf(centred - 1 / 255, scale=0.004) -
+                     stats.norm.sf(centred + 1 / 255, scale=0.004))
+  ref = np.where(centred > 0, ref_above, ref)
+  np.testing.assert_allclose(got, ref, rtol=1e-4)
+  np.testing.assert_allclose(got[:4], got[4:], rtol=1e-5)
+
+
+def test_a_last_beta_of_one_needs_x0_or_v_prediction():
+  """jsd's last beta is 1: eps prediction is refused; x0/v give finite chains and bounds."""
+  betas = schedules.get_beta_schedule("jsd", 10)
+  assert betas[-1] == 1.0
+  with pytest.raises(ValueError, match="last beta is 1.*'x0' or 'v'"):
+    D.GaussianDiffusion.create(betas)
+  from ddpm_jax import sampling as S
+  for mean in ("x0", "v"):
+    d = D.GaussianDiffusion.create(betas, model_mean_type=mean)
+    model = lambda x, t: 0.5 * x
+    key = jax.random.key(0)
+    for chain in (S.p_sample_loop(d, model, (2, 2, 2, 1), key),
+                  S.ddim_sample_loop(d, model, (2, 2, 2, 1), key)):
+      assert np.all(np.isfinite(np.asarray(chain)))
+    bpd = D.calc_bpd_loop(d, model, jnp.zeros((2, 2, 2, 1)), key)
+    assert np.all(np.isfinite(np.asarray(bpd["total_bpd"])))
+    # eps from x_0 at abar_T = 0 is x_T itself.
+    x_t = jax.random.normal(key, (2, 3))
+    eps = D.predict_eps_from_xstart(d, x_t, jnp.array([9, 9]), jnp.ones((2, 3)))
+    np.testing.assert_allclose(eps, x_t, rtol=1e-6)
+
+
+def test_conversions_check_their_timesteps():
+  d = make(steps=10)
+  x = jnp.ones((1, 4))
+  for fn in (D.predict_xstart_from_eps, D.predict_eps_from_xstart,
+             D.predict_xstart_from_v, D.predict_eps_from_v):
+    with pytest.raises(ValueError, match=r"t out of range.*\[10\]"):
+      fn(d, x, jnp.array([10]), x)
+    with pytest.raises(ValueError, match="shape"):
+      fn(d, x, jnp.array([1, 2]), x)
+  with pytest.raises(ValueError, match=r"\[-1\]"):
+    D.get_v(d, x, x, jnp.array([-1]))
+
+
+def test_hybrid_loss_needs_a_learned_variance_when_created():
+  with pytest.raises(ValueError, match="hybrid.*'fixedlarge'.*'mse'"):
+    make(loss="hybrid", steps=10)

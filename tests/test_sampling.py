@@ -216,3 +216,45 @@ def test_bad_sampler_input():
   with pytest.raises(ValueError, match="t_start=101"):
     S.sample_steps(d, lambda x, t: x, jnp.zeros((1, 1)), jax.random.key(0),
                    101, 0)
+
+
+def improved_ddpm_sections(num_timesteps, counts):
+  """improved DDPM's section rule, written out: a running float sum, rounded."""
+  kept, start = [], 0
+  for i, count in enumerate(counts):
+    size = num_timesteps // len(counts) + (i < num_timesteps % len(counts))
+    stride, position = (1 if count <= 1 else (size - 1) / (count - 1)), 0.0
+    for _ in range(count):
+      kept.append(start + round(position))
+      position += stride
+    start += size
+  return sorted(set(kept))
+
+
+def test_space_timesteps_rounds_as_improved_ddpm():
+  # 12 * 49/24 is 24.5: the running sum lands above it (25), a product on it (24).
+  assert S.space_timesteps(50, "25")[12] == 25
+  for t in (50, 100, 250, 500, 1000, 2000, 4000):
+    for spec in ("7", "25", "50", "10,15,20", "3,1,4,1,5"):
+      counts = [int(c) for c in spec.split(",")]
+      if max(counts) <= t // len(counts):
+        assert S.space_timesteps(t, spec) == improved_ddpm_sections(t, counts), (t, spec)
+  with pytest.raises(ValueError, match="exactly 1 evenly strided"):
+    S.space_timesteps(100, "ddim1")
+
+
+def test_chains_run_in_float32_from_any_float_state():
+  d = make(steps=20)
+  model = lambda x, t: 0.1 * x
+  noise = jax.random.normal(jax.random.key(1), (2, 4, 4, 1)).astype(jnp.bfloat16)
+  out = S.ddim_sample_loop(d, model, noise.shape, jax.random.key(0), noise=noise)
+  ref = S.ddim_sample_loop(d, model, noise.shape, jax.random.key(0),
+                           noise=noise.astype(jnp.float32))
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, ref)
+  steps = S.sample_steps(d, model, noise, jax.random.key(0), 20, 10)
+  assert steps.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(steps)))
+  enc = S.ddim_reverse_sample_loop(d, model, noise)
+  assert enc.dtype == jnp.float32
+  with pytest.raises(ValueError, match="t_end=10 > t_start=3"):
+    S.sample_steps(d, model, noise, jax.random.key(0), 3, 10)
