@@ -61,9 +61,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise CheckpointError(
-        f"{path} does not exist: {workdir!r} is not a run directory (train with "
-        "`python -m ddpm_jax.train --workdir DIR`, or convert weights with "
-        "`checkpointing.save_pretrained`).")
+        f"{path} does not exist: {workdir!r} is not a run directory. Make one "
+        "with `python -m ddpm_jax.train --workdir DIR` (training), `python -m "
+        "ddpm_jax.convert --diffusers SRC --workdir DIR` (official weights) or, "
+        "from Python, `checkpointing.save_pretrained`.")
   with open(path) as f:
     try:
       data = json.load(f)
@@ -277,7 +278,11 @@ def load_params(workdir: str, *, step: Optional[int] = None, which: str = "ema",
   config = read_config(workdir)
   steps = existing_steps(workdir)
   if not steps:
-    raise CheckpointError(f"No complete checkpoint in {checkpoint_dir(workdir)}.")
+    raise CheckpointError(
+        f"No complete checkpoint in {checkpoint_dir(workdir)}: train with "
+        f"`python -m ddpm_jax.train --workdir {workdir}` (it resumes there), or "
+        "write weights with `python -m ddpm_jax.convert` or "
+        "`checkpointing.save_pretrained`.")
   if step is None:
     step = steps[-1]
   elif step not in steps:

@@ -1,22 +1,79 @@
 """What every command-line entry point shares: user errors end in one line, exit 1."""
 import logging
+import os
 import sys
 from typing import Any, Callable
 
+from absl import flags
 from absl import logging as absl_logging
 
 # Bad flags, configs, data, files or workdirs: the library raises these with a
 # message that says what was wrong; a traceback would only hide it.
 USER_ERRORS = (ValueError, OSError)
 
+# Orbax's and JAX's log lines that every run prints by design: a checkpoint
+# opened read-only for inference, the input pipeline's state left unrestored
+# by `load_params`, and the TPU probe on machines without one.
+_EXPECTED_LOGS = ("Given directory is read only",
+                  'Item "data" was found in the checkpoint, but could not be restored',
+                  "Unable to initialize backend 'tpu'")
+
 
 def exit_on_user_error(fn: Callable[..., Any], *args,
                        errors: tuple[type[BaseException], ...] = USER_ERRORS) -> Any:
-  """Calls `fn(*args)`; on one of `errors` prints `error: ...` to stderr and exits 1."""
+  """Calls `fn(*args)`; on one of `errors` prints `error: ...` to stderr and exits 1.
+
+  Ctrl-C ends the run with `interrupted` and exit status 130, without a
+  traceback (outputs are written atomically, so nothing is left half-done).
+  """
   try:
     return fn(*args)
   except errors as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def _config_paths(argv) -> list[str]:
+  """The files named by `--config FILE[:variant]` / `--config=FILE[:variant]`."""
+  paths = []
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      paths.append(argv[i + 1])
+    elif arg.startswith("--config="):
+      paths.append(arg[len("--config="):])
+  return [p.split(":")[0] for p in paths]
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors (exit 1), for `app.run(flags_parser=...)`.
+
+  A config file in a `configs/` folder imports its siblings as `configs.X`,
+  so that folder's parent goes on `sys.path` first: `--config
+  /path/to/ddpm_jax/configs/cifar10.py` works from any directory.
+  """
+  for path in _config_paths(argv):
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "configs" and os.path.isfile(path):
+      sys.path.insert(0, os.path.dirname(folder))
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Traceback (most recent call last)" in message:
+      # A config file's get_config raised: its own message is the last line.
+      lines = [line for line in message.splitlines() if line.strip()]
+      message = f"{lines[0]} {lines[-1]}"
+    print(f"error: {message}\nPass --helpfull for the flags.", file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these from a locked config for a key it lacks.
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: unknown config key {e} in one of {overrides}. Every key is "
+          "defined in configs/default.py (a locked config cannot gain keys).",
+          file=sys.stderr)
     sys.exit(1)
 
 
@@ -26,6 +83,8 @@ def quiet_orbax() -> None:
   class _Filter(logging.Filter):
 
     def filter(self, record):
+      if any(text in record.getMessage() for text in _EXPECTED_LOGS):
+        return False
       return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
   absl_logging.get_absl_handler().addFilter(_Filter())

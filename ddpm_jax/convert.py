@@ -142,12 +142,18 @@ def _load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
 
 
 def _default_config() -> ml_collections.ConfigDict:
+  """configs/default.py: importable, or in the checkout that holds this package."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isfile(os.path.join(root, "configs", "default.py")) and (
+      root not in sys.path):
+    sys.path.append(root)  # run from outside the checkout
   try:
     from configs import default  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConversionError(
-        "configs/default.py is not importable (run from the repository root, "
-        "or pass base_config / --config)") from None
+        f"configs/default.py is neither importable nor in {root} (an install "
+        "without the repository's configs/); pass base_config / --config "
+        "path/to/configs/X.py") from None
   return default.get_config()
 
 
@@ -551,5 +557,6 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

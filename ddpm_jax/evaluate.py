@@ -8,11 +8,15 @@ bits/dim is the full variational bound (`diffusion.calc_bpd_loop`) of every
 example of the split, reported as in the DDPM paper's Table 2. FID/IS/KID use
 the FID Inception-v3 on uint8 samples (drawn here, or read from `--samples`,
 an .npz written by `python -m ddpm_jax.sample`) against the training set's
-statistics, computed once and cached. Results are printed and saved as JSON
-under WORKDIR/eval/.
+statistics, computed once and cached (keyed by the weights file's sha256 and
+the reference images). Every input of every metric is checked before any is
+computed. Results are printed and saved as JSON under WORKDIR/eval/, in a file
+named by the settings that change the numbers (`bpd_path`,
+`sample_metrics_path`); the JSON records all of them.
 """
 import json
 import os
+import re
 
 import numpy as np
 from absl import app
@@ -48,12 +52,19 @@ flags.DEFINE_string("stats_cache", os.path.join("~", ".cache", "ddpm_jax", "fid_
 flags.mark_flags_as_required(["workdir"])
 
 METRICS = ("bpd", "fid", "is", "kid")
+# The Inception Score protocol: 10 in-order splits of the samples.
+IS_SPLITS = 10
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
   from ddpm_jax import files  # pylint: disable=g-import-not-at-top
   with files.atomic_write(path, "w") as f:
     json.dump(data, f, indent=2)
+
+
+def _label(text) -> str:
+  """`text` for a file name: runs of characters other than [A-Za-z0-9._-] -> '-'."""
+  return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "-"
 
 
 def _training_images(source, count):
@@ -63,57 +74,150 @@ def _training_images(source, count):
     yield np.stack([source[i]["image"] for i in range(start, min(start + chunk, count))])
 
 
-def sample_metrics(config, params, metrics, *, step) -> dict:
-  """FID / IS / KID of samples (drawn now or read from --samples)."""
+def bpd_path(eval_dir: str, step: int, num_examples: int) -> str:
+  """`bpd_<split>_step<S>_<params>_n<N>[_seed<seed>].json`: one file per setting."""
+  seed = f"_seed{FLAGS.seed}" if FLAGS.seed else ""
+  return os.path.join(eval_dir, f"bpd_{_label(FLAGS.split)}_step{step}_"
+                      f"{FLAGS.params}_n{num_examples}{seed}.json")
+
+
+def sample_metrics_path(eval_dir: str, metrics, step: int, setup: dict) -> str:
+  """The result file of FID/IS/KID, named by every flag that changes them.
+
+  Drawn samples: `fid_is_kid_step<S>_<params>_<sampler>-<steps|all>[-eta<eta>]
+  _n<N>[_seed<seed>][_ref<R>].json`; samples from --samples FILE:
+  `fid_is_kid_samples-<FILE's basename>_n<N>[_ref<R>].json`.
+  """
+  name = "_".join(metrics)
+  if FLAGS.samples:
+    stem = os.path.splitext(os.path.basename(FLAGS.samples))[0]
+    name += f"_samples-{_label(stem)}"
+  else:
+    name += f"_step{step}_{FLAGS.params}_{FLAGS.sampler}-{_label(FLAGS.steps or 'all')}"
+    if FLAGS.sampler == "ddim" and FLAGS.eta:
+      name += f"-eta{FLAGS.eta:g}"
+  name += f"_n{setup['num_samples']}"
+  if not FLAGS.samples and FLAGS.seed:
+    name += f"_seed{FLAGS.seed}"
+  if FLAGS.num_reference and ("fid" in metrics or "kid" in metrics):
+    name += f"_ref{setup['num_reference']}"
+  return os.path.join(eval_dir, name + ".json")
+
+
+def prepare_sample_metrics(config, metrics) -> dict:
+  """Checks every input of FID/IS/KID and loads what they need; computes nothing.
+
+  Returns:
+    dict: 'num_samples', 'samples' (uint8 [N, H, W, C] from --samples, else
+    None), 'options' (the sampler's, else None), 'module' and
+    'inception_params', 'weights' (the weights file) and 'weights_sha256',
+    'source' (the training split) and 'num_reference'.
+
+  Raises:
+    ValueError (or OSError): naming the bad flag or file.
+  """
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
 
-  module, inception_params = m.load_inception(FLAGS.inception_weights)  # fails early
+  setup = {"samples": None, "options": None}
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  if FLAGS.samples:
+    samples = m.read_npz(
+        FLAGS.samples, "samples", keys=["samples"],
+        hint="Write samples with `python -m ddpm_jax.sample --out FILE.npz`.")["samples"]
+    if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[1:] != image_shape:
+      raise ValueError(
+          f"{FLAGS.samples} holds samples {samples.dtype} {list(samples.shape)}; this "
+          f"run's data set ({config.data.dataset}) needs uint8 [N, "
+          f"{', '.join(map(str, image_shape))}]. Score samples with the run that "
+          "made them (a cascade's with the upsampler's --workdir).")
+    setup["samples"] = samples
+    setup["num_samples"] = len(samples)
+  else:
+    if FLAGS.num_samples < 1:
+      raise ValueError(f"--num_samples must be >= 1, got {FLAGS.num_samples}.")
+    if int(config.model.get("low_res_size", 0)):
+      raise ValueError(
+          "This run is a super-resolution model: it needs low-resolution inputs "
+          "to sample. Draw a cascade's samples with `python -m ddpm_jax.sample "
+          "--upsampler_workdir` and score them with --samples.")
+    options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=FLAGS.steps,
+                                        eta=FLAGS.eta)
+    generation.sampling_diffusion(config, options)  # bad options fail here
+    setup["options"] = options
+    setup["num_samples"] = FLAGS.num_samples
+  n = setup["num_samples"]
+  min_is = m.MIN_SAMPLES_PER_SPLIT * IS_SPLITS
+  if "is" in metrics and n < min_is:
+    raise ValueError(
+        f"The Inception Score uses {IS_SPLITS} splits of the samples and needs at "
+        f"least {m.MIN_SAMPLES_PER_SPLIT} samples per split, so at least "
+        f"{min_is} samples; got {n}" + ("." if FLAGS.samples else
+                                       " (raise --num_samples)."))
+  if ("fid" in metrics or "kid" in metrics) and n < 2:
+    raise ValueError(f"FID and KID need at least 2 samples, got {n}.")
   source = input_pipeline.create_source(config, "train")
   num_reference = FLAGS.num_reference or len(source)
   if not 2 <= num_reference <= len(source):
     raise ValueError(f"--num_reference must be in [2, {len(source)}] (the training "
                      f"split's size), got {num_reference}.")
+  if "fid" in metrics or "kid" in metrics:
+    os.makedirs(os.path.expanduser(FLAGS.stats_cache), exist_ok=True)
+  weights = m.resolve_weights_path(FLAGS.inception_weights)
+  setup["module"], setup["inception_params"] = m.load_inception(weights)
+  setup.update(weights=os.path.abspath(weights),
+               weights_sha256=m.file_sha256(weights),
+               source=source, num_reference=num_reference)
+  return setup
+
+
+def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
+  """FID / IS / KID of samples (drawn now or read from --samples)."""
+  from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
+
+  result = {"metrics": list(metrics), "num_samples": setup["num_samples"]}
   if FLAGS.samples:
-    with np.load(FLAGS.samples) as f:
-      if "samples" not in f.files:
-        raise ValueError(f"{FLAGS.samples} has no 'samples' array (it has {f.files}).")
-      samples = f["samples"]
-    origin = FLAGS.samples
+    samples = setup["samples"]
+    result.update(samples_file=os.path.abspath(FLAGS.samples),
+                  samples_sha256=m.file_sha256(FLAGS.samples))
   else:
-    options = generation.SamplerOptions(sampler=FLAGS.sampler, steps=FLAGS.steps,
-                                        eta=FLAGS.eta)
-    generation.sampling_diffusion(config, options)  # bad options fail before work
     samples = generation.generate(config, params, num_samples=FLAGS.num_samples,
-                                  batch_size=FLAGS.batch_size, options=options,
+                                  batch_size=FLAGS.batch_size, options=setup["options"],
                                   seed=FLAGS.seed)["samples"]
-    origin = f"{FLAGS.num_samples} {FLAGS.sampler} samples (steps={FLAGS.steps or 'T'})"
-  if samples.dtype != np.uint8 or samples.ndim != 4:
-    raise ValueError(f"Samples must be uint8 [N, H, W, C], got {samples.dtype} "
-                     f"{samples.shape}.")
+    result.update(step=step, params=FLAGS.params, sampler=FLAGS.sampler,
+                  steps=FLAGS.steps or "all", eta=FLAGS.eta, seed=FLAGS.seed)
+  result.update(inception_weights=setup["weights"],
+                inception_weights_sha256=setup["weights_sha256"])
+  module, inception_params = setup["module"], setup["inception_params"]
   feats = m.inception_features(module, inception_params, samples,
                                batch_size=FLAGS.batch_size, progress=True)
-  result = {"samples": origin, "num_samples": int(len(samples)), "step": step}
   if "is" in metrics:
-    result["is"], result["is_std"] = m.inception_score(
-        feats["logits"], splits=min(10, len(samples)))
+    result["is_splits"] = IS_SPLITS
+    result["is"], result["is_std"] = m.inception_score(feats["logits"],
+                                                       splits=IS_SPLITS)
   if "fid" in metrics or "kid" in metrics:
-    weights = FLAGS.inception_weights or os.environ.get(m.WEIGHTS_ENV_VAR, "")
-    name = (f"{config.data.dataset}-train{num_reference}-{config.data.image_size}"
-            f"x{config.data.channels}")
+    num_reference, source = setup["num_reference"], setup["source"]
+    data = config.data
+    name, fingerprint = m.reference_key(
+        dataset=data.dataset, split="train", image_size=data.image_size,
+        channels=data.channels, num_examples=num_reference,
+        weights_sha256=setup["weights_sha256"])
     ref = m.reference_stats(
         name, lambda: m.inception_features(
             module, inception_params, _training_images(source, num_reference),
             batch_size=FLAGS.batch_size, progress=True)["pool3"],
         os.path.expanduser(FLAGS.stats_cache), keep_features="kid" in metrics,
-        fingerprint=os.path.basename(weights))
-    result["reference"] = f"{name} ({int(ref['num_examples'])} images)"
+        fingerprint=fingerprint)
+    result["reference"] = f"{data.dataset} train, first {int(ref['num_examples'])} images"
+    result["num_reference"] = int(ref["num_examples"])
     if "fid" in metrics:
       mu, sigma = m.stats_from_features(feats["pool3"])
       result["fid"] = m.fid_from_stats(mu, sigma, ref["mu"], ref["sigma"])
     if "kid" in metrics:
       n = min(len(samples), len(ref["features"]), 1000)
+      result["kid_subset_size"] = n
       result["kid"], result["kid_std"] = m.kernel_inception_distance(
           feats["pool3"], ref["features"], subset_size=n)
   return result
@@ -122,10 +226,16 @@ def sample_metrics(config, params, metrics, *, step) -> dict:
 def run(argv) -> None:
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
-  metrics = [x.strip().lower() for x in FLAGS.metric]
-  unknown = sorted(set(metrics) - set(METRICS))
-  if unknown or not metrics:
+  asked = [x.strip().lower() for x in FLAGS.metric if x.strip()]
+  if not asked:
+    raise ValueError(f"--metric needs one or more of {','.join(METRICS)} "
+                     "(comma-separated), e.g. --metric bpd or --metric fid,is,kid.")
+  unknown = sorted(set(asked) - set(METRICS))
+  if unknown:
     raise ValueError(f"Unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
+  metrics = [x for x in METRICS if x in asked]  # one order, for the file names
+  if FLAGS.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}.")
   import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ddpm_jax.metrics import bpd  # pylint: disable=g-import-not-at-top
@@ -135,27 +245,42 @@ def run(argv) -> None:
       which="ema" if FLAGS.params == "ema" else "params")
   writer = jax.process_index() == 0
   eval_dir = os.path.join(FLAGS.workdir, "eval")
+  # Every metric's inputs are checked before any of them computes anything.
+  if "bpd" in metrics:
+    num_examples = bpd.check_inputs(config, split=FLAGS.split,
+                                    num_examples=FLAGS.num_examples)
+  sample_wanted = [x for x in metrics if x != "bpd"]
+  if sample_wanted:
+    setup = prepare_sample_metrics(config, sample_wanted)
+  if writer:
+    os.makedirs(eval_dir, exist_ok=True)
+    if not os.access(eval_dir, os.W_OK):
+      raise ValueError(f"Cannot write the results to {eval_dir}.")
+
   if "bpd" in metrics:
     result = bpd.evaluate_bpd(config, params, split=FLAGS.split,
                               batch_size=FLAGS.batch_size,
                               num_examples=FLAGS.num_examples, seed=FLAGS.seed)
-    result["step"] = step
-    path = os.path.join(eval_dir, f"bpd_{FLAGS.split}_step{step}.json")
+    result.update(step=step, params=FLAGS.params, seed=FLAGS.seed,
+                  batch_size=FLAGS.batch_size)
+    path = bpd_path(eval_dir, step, num_examples)
     if writer:
       _write_json_atomic(path, result)
-    print(f"{FLAGS.split} bits/dim at step {step} over {result['num_examples']} "
-          f"examples: {result['total_bpd']:.4f}  (L_T prior {result['prior_bpd']:.4f}, "
-          f"L_0 decoder {result['decoder_bpd']:.4f}, sum L_1..L_T-1 "
-          f"{result['vb_sum_bpd']:.4f}) -> {path}", flush=True)
-  sample_wanted = [x for x in metrics if x != "bpd"]
+    print(f"{FLAGS.split} bits/dim at step {step} ({FLAGS.params}) over "
+          f"{result['num_examples']} examples: {result['total_bpd']:.4f}  (L_T prior "
+          f"{result['prior_bpd']:.4f}, L_0 decoder {result['decoder_bpd']:.4f}, sum "
+          f"L_1..L_T-1 {result['vb_sum_bpd']:.4f}) -> {path}", flush=True)
   if sample_wanted:
-    result = sample_metrics(config, params, sample_wanted, step=step)
-    path = os.path.join(eval_dir, f"{'_'.join(sample_wanted)}_step{step}.json")
+    result = sample_metrics(config, params, sample_wanted, setup, step=step)
+    path = sample_metrics_path(eval_dir, sample_wanted, step, setup)
     if writer:
       _write_json_atomic(path, result)
     parts = [f"{k.upper()} {result[k]:.4f}" for k in ("fid", "is", "kid") if k in result]
-    print(f"{', '.join(parts)} of {result['num_samples']} samples at step {step} "
-          f"-> {path}", flush=True)
+    origin = (f"samples from {FLAGS.samples}" if FLAGS.samples else
+              f"samples at step {step} ({FLAGS.params}, {FLAGS.sampler}, "
+              f"steps={FLAGS.steps or 'all'})")
+    print(f"{', '.join(parts)} of {result['num_samples']} {origin} -> {path}",
+          flush=True)
 
 
 def main(argv):
@@ -165,4 +290,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

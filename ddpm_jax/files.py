@@ -1,8 +1,15 @@
 """Writing output files so that a failed or killed run never leaves half a file."""
 import contextlib
 import os
+import stat
 import tempfile
 from typing import IO, Iterator
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)  # reading the umask means setting it; put it back
+  os.umask(mask)
+  return mask
 
 
 @contextlib.contextmanager
@@ -10,19 +17,30 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
   """Opens a temporary file beside `path`; renames it onto `path` on success.
 
   The parent directory is created. If the block raises, the temporary file is
-  removed and an existing `path` is left as it was.
+  removed and an existing `path` is left as it was. The file gets the
+  permissions a plain `open` would give it (0666 less the umask); a symbolic
+  link is followed, so the file it points at is replaced and the link kept.
 
   Args:
     path: the destination.
     mode: 'wb' or 'w'.
+
+  Raises:
+    ValueError: `path` exists and is not a regular file (a directory, device
+      or pipe).
   """
-  parent = os.path.dirname(os.path.abspath(path))
+  path = os.path.realpath(path)
+  if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+    raise ValueError(f"{path} exists and is not a regular file; choose another "
+                     "output path.")
+  parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   # The suffix keeps the extension, for writers that look at it (PIL).
   suffix = ".tmp" + os.path.splitext(path)[1]
   fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.",
                              suffix=suffix)
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
     with os.fdopen(fd, mode) as f:
       yield f
     os.replace(tmp, path)

@@ -7,6 +7,7 @@ of one compiled program, so a progress bar can advance between them.
 """
 import dataclasses
 import math
+import operator
 import time
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,8 @@ from ddpm_jax.diffusion import GaussianDiffusion
 
 # A chain is cut into about this many compiled chunks for the progress bar.
 _CHUNKS_PER_CHAIN = 20
+# Root seeds are uint32: PRNGKey(2**32) is PRNGKey(0) and larger ones overflow.
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +82,40 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
   return sampling.respace(d, options.steps)[0]
 
 
+def check_seed(seed: int) -> None:
+  """Raises ValueError unless `seed` is an integer in 0..MAX_SEED.
+
+  `jax.random.PRNGKey` keeps only the low 32 bits of a seed (2**32 would
+  silently give seed 0's samples) and overflows on seeds of 64 bits or more.
+  """
+  try:
+    ok = 0 <= operator.index(seed) <= MAX_SEED
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"The seed must be an integer in 0..{MAX_SEED} (2**32 - 1), "
+                     f"got {seed!r}.")
+
+
+def batch_size_for(num_samples: int, batch_size: int,
+                   num_devices: Optional[int] = None) -> int:
+  """The batch `generate` compiles: `batch_size` capped at `num_samples`.
+
+  Either is rounded up to a multiple of `num_devices` (default: every device
+  of every host), so a small N runs no more chains than it needs.
+  """
+  n_dev = jax.device_count() if num_devices is None else num_devices
+  return math.ceil(min(batch_size, num_samples) / n_dev) * n_dev
+
+
 def example_keys(seed: int, start: int, count: int, stream: int = 0) -> np.ndarray:
   """Raw uint32 keys `[count, 2]` of examples start .. start + count - 1.
 
   `stream` > 0 gives independent keys for a later stage of the same samples
-  (e.g. the super-resolution stage of a cascade).
+  (e.g. the super-resolution stage of a cascade). `seed` must lie in
+  0..MAX_SEED (see `check_seed`).
   """
+  check_seed(seed)
   root = jax.random.PRNGKey(seed)
   if stream:
     root = jax.random.fold_in(root, 2**31 + stream)  # no example index is that large
@@ -165,6 +196,78 @@ def _check_classifier(config, classifier_config) -> int:
   return k
 
 
+def check_request(config: ml_collections.ConfigDict, *, num_samples: int,
+                  batch_size: int, options: SamplerOptions = SamplerOptions(),
+                  seed: int = 0, labels: Optional[np.ndarray] = None,
+                  known: Optional[np.ndarray] = None,
+                  known_mask: Optional[np.ndarray] = None,
+                  classifier_config: Optional[ml_collections.ConfigDict] = None,
+                  low_res: Optional[np.ndarray] = None,
+                  aug_level: int = 0) -> GaussianDiffusion:
+  """Every check `generate` makes of a request, without sampling.
+
+  Takes `generate`'s arguments (`classifier_config`: the classifier run's
+  config; only the shape of `low_res` is read, so a broadcast view of the
+  right shape will do) and raises ValueError with what was wrong, so that a
+  command can refuse a bad request before it starts work.
+
+  Returns:
+    The (respaced) process to sample from, as `sampling_diffusion`.
+  """
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f"num_samples ({num_samples}) and batch_size "
+                     f"({batch_size}) must be >= 1.")
+  check_seed(seed)
+  num_classes = int(config.model.num_classes)
+  if classifier_config is not None:
+    num_classes = _check_classifier(config, classifier_config)
+  elif options.classifier_scale > 0:
+    raise ValueError("classifier_scale > 0 needs a classifier run.")
+  image_shape = (config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  if (known is None) != (known_mask is None):
+    raise ValueError("Inpainting needs both the known image and its mask.")
+  if known is not None:
+    if np.shape(known) != image_shape or np.shape(known_mask) not in (
+        image_shape, image_shape[:2] + (1,)):
+      raise ValueError(
+          f"The inpainting image {np.shape(known)} and mask "
+          f"{np.shape(known_mask)} must match the model's images {image_shape} "
+          "(mask: [H, W, 1] or [H, W, C]).")
+  elif options.resample > 1:
+    raise ValueError("resample > 1 is for inpainting only.")
+  low_res_size = int(config.model.get("low_res_size", 0))
+  if (low_res is None) != (low_res_size == 0):
+    raise ValueError(
+        f"This model has model.low_res_size={low_res_size}: "
+        + ("it is a super-resolution model and needs low-resolution inputs "
+           "(--upsampler_workdir takes it as the second stage)." if low_res_size
+           else "it takes no low-resolution inputs."))
+  if low_res is not None:
+    want = (num_samples, low_res_size, low_res_size, config.data.channels)
+    if np.shape(low_res) != want:
+      raise ValueError(f"The low-resolution inputs have shape "
+                       f"{np.shape(low_res)}; this super-resolution model "
+                       f"needs {want}.")
+    if not 0 <= aug_level <= config.diffusion.num_timesteps:
+      raise ValueError(f"aug_level must lie in 0..{config.diffusion.num_timesteps},"
+                       f" got {aug_level}.")
+  if labels is not None:
+    labels = np.asarray(labels)
+    if num_classes == 0:
+      raise ValueError("Class labels were given but the model is unconditional "
+                       "(model.num_classes = 0) and there is no classifier.")
+    if labels.shape != (num_samples,):
+      raise ValueError(f"labels must have shape [{num_samples}], got {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"Class labels must be integers in 0..{num_classes - 1}, "
+                       f"got dtype {labels.dtype}.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f"Class labels must lie in 0..{num_classes - 1}, got "
+                       f"{sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))}.")
+  return sampling_diffusion(config, options)
+
+
 def generate(config: ml_collections.ConfigDict, params: Any, *,
              num_samples: int, batch_size: int,
              options: SamplerOptions = SamplerOptions(), seed: int = 0,
@@ -180,10 +283,11 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
     config: the run's config (model, data and diffusion sections).
     params: the network's parameters (e.g. the EMA parameters).
     num_samples: N >= 1.
-    batch_size: examples per compiled batch, over all devices; rounded up to
-      a multiple of the device count.
+    batch_size: examples per compiled batch, over all devices; capped at N
+      and rounded up to a multiple of the device count (`batch_size_for`).
     options: sampler, respacing, eta, clipping.
-    seed: the root seed; example i uses `fold_in(PRNGKey(seed), i)`.
+    seed: the root seed, 0..MAX_SEED; example i uses
+      `fold_in(PRNGKey(seed), i)`.
     labels: int `[N]` classes for a class-conditional (or classifier-guided)
       model; default: drawn uniformly per example from its key.
     known, known_mask: inpainting: float `[H, W, C]` in [-1, 1] and `[H, W, 1]`
@@ -199,65 +303,35 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
 
   Returns:
     dict with `samples` uint8 `[N, H, W, C]` (clip, (x + 1) * 127.5, round),
-    `labels` int32 `[N]` (class-conditional models only) and `seconds`.
+    `labels` int32 `[N]` (class-conditional models only), `seconds` and
+    `batch_size` (the compiled batch, over all devices).
+
+  Raises:
+    ValueError: a bad request (see `check_request`), before any sampling.
   """
-  if num_samples < 1 or batch_size < 1:
-    raise ValueError(f"num_samples ({num_samples}) and batch_size "
-                     f"({batch_size}) must be >= 1.")
+  d = check_request(
+      config, num_samples=num_samples, batch_size=batch_size, options=options,
+      seed=seed, labels=labels, known=known, known_mask=known_mask,
+      classifier_config=None if classifier is None else classifier[0],
+      low_res=low_res, aug_level=aug_level)
   num_classes = int(config.model.num_classes)
   classifier_model = cls_params = None
   if classifier is not None:
-    num_classes = _check_classifier(config, classifier[0])
+    num_classes = int(classifier[0].model.num_classes)  # see _check_classifier
     classifier_model = models.create_model(classifier[0])
     cls_params = classifier[1]
-  elif options.classifier_scale > 0:
-    raise ValueError("classifier_scale > 0 needs a classifier run.")
   image_shape = (config.data.image_size, config.data.image_size,
                  config.data.channels)
-  if (known is None) != (known_mask is None):
-    raise ValueError("Inpainting needs both the known image and its mask.")
   if known is not None:
     known = np.asarray(known, np.float32)
     known_mask = np.asarray(known_mask, np.float32)
-    if known.shape != image_shape or known_mask.shape not in (
-        image_shape, image_shape[:2] + (1,)):
-      raise ValueError(
-          f"The inpainting image {known.shape} and mask {known_mask.shape} must "
-          f"match the model's images {image_shape} (mask: [H, W, 1] or "
-          "[H, W, C]).")
-  elif options.resample > 1:
-    raise ValueError("resample > 1 is for inpainting only.")
-  low_res_size = int(config.model.get("low_res_size", 0))
-  if (low_res is None) != (low_res_size == 0):
-    raise ValueError(
-        f"This model has model.low_res_size={low_res_size}: "
-        + ("it is a super-resolution model and needs low-resolution inputs "
-           "(--upsampler_workdir takes it as the second stage)." if low_res_size
-           else "it takes no low-resolution inputs."))
   if low_res is not None:
     low_res = np.asarray(low_res, np.float32)
-    want = (num_samples, low_res_size, low_res_size, config.data.channels)
-    if low_res.shape != want:
-      raise ValueError(f"The low-resolution inputs have shape {low_res.shape}; "
-                       f"this super-resolution model needs {want}.")
-    if not 0 <= aug_level <= config.diffusion.num_timesteps:
-      raise ValueError(f"aug_level must lie in 0..{config.diffusion.num_timesteps},"
-                       f" got {aug_level}.")
   if labels is not None:
     labels = np.asarray(labels, np.int32)
-    if num_classes == 0:
-      raise ValueError("Class labels were given but the model is unconditional "
-                       "(model.num_classes = 0) and there is no classifier.")
-    if labels.shape != (num_samples,):
-      raise ValueError(f"labels must have shape [{num_samples}], got {labels.shape}.")
-    if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"Class labels must lie in 0..{num_classes - 1}, got "
-                       f"{sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))}.")
-  d = sampling_diffusion(config, options)
   model = models.create_model(config)
   mesh = parallel.create_mesh()
-  n_dev = mesh.devices.size
-  batch_size = math.ceil(batch_size / n_dev) * n_dev
+  batch_size = batch_size_for(num_samples, batch_size, mesh.devices.size)
   shard = parallel.batch_sharding(mesh)
   run = make_chain_fn(model, int(config.model.num_classes), options,
                       classifier_model)
@@ -313,7 +387,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
   bar.close()
   seconds = time.perf_counter() - start_time
   result = dict(samples=np.concatenate(out_images)[:num_samples],
-                seconds=seconds)
+                seconds=seconds, batch_size=batch_size)
   if num_classes:
     result["labels"] = np.concatenate(out_labels)[:num_samples]
   return result

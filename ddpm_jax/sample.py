@@ -3,7 +3,8 @@
 Loads the newest (or `--step`) checkpoint of a training run or of a converted
 official model, and writes `samples` (uint8 [N, H, W, C], the FID protocol:
 clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
-an .npz, plus a PNG grid of the first samples. The output only replaces an
+an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_seed{S}.npz`),
+plus a PNG grid of the first samples beside it. The output only replaces an
 existing file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
@@ -36,8 +37,9 @@ flags.DEFINE_string("steps", None,
                     "'a,b,c' (per-section counts); default: all T steps.")
 flags.DEFINE_float("eta", 0.0, "DDIM noise scale (0 = deterministic).")
 flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
-flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/step_N.npz).")
-flags.DEFINE_string("grid", None, "Output PNG grid of the first 100 samples "
+flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
+                    "sample_stepN_{sampler}{K}_seed{S}.npz, K sampling steps).")
+flags.DEFINE_string("grid", None, "Output .png grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
 # Conditional generation.
 flags.DEFINE_list("class_label", None,
@@ -67,17 +69,93 @@ flags.mark_flags_as_required(["workdir"])
 _GRID_MAX = 100
 
 
+def _given(name: str) -> bool:
+  """Whether the command line set flag `name` to a value other than its default."""
+  flag = FLAGS[name]
+  return flag.present and flag.value != flag.default
+
+
+def _check_flag_combinations() -> None:
+  """Refuses flags that the rest of the request would silently ignore."""
+  if not FLAGS.upsampler_workdir:
+    for name in ("upsampler_steps", "upsampler_aug_level"):
+      if _given(name):
+        raise ValueError(f"--{name} is for the second stage of a cascade: pass "
+                         "--upsampler_workdir SR with it.")
+  if not FLAGS.classifier_workdir and _given("classifier_scale"):
+    raise ValueError("--classifier_scale needs --classifier_workdir CLS (a "
+                     "noise-aware classifier run); classifier-free guidance is "
+                     "--guidance_scale.")
+  if FLAGS.sampler == "ancestral" and _given("eta"):
+    raise ValueError("--eta is DDIM's noise scale: pass --sampler ddim with it "
+                     "(the ancestral sampler has none).")
+
+
+def _check_output_names(out: str | None, grid: str | None) -> None:
+  """`--out` must be an .npz and `--grid` a .png or 'none' (None: the default)."""
+  if out and not out.lower().endswith(".npz"):
+    raise ValueError(f"--out must end in .npz (the samples), got {out!r}; the "
+                     "PNG grid goes to --grid.")
+  if grid and grid != "none" and not grid.lower().endswith(".png"):
+    raise ValueError(f"--grid must end in .png or be 'none', got {grid!r}.")
+
+
 def _check_writable(path: str) -> None:
-  """Fails early (before sampling) when `path` cannot be written."""
+  """Fails early (before sampling) when `path` cannot be written.
+
+  Creates nothing: a missing parent directory is made only when the output is
+  written, so its nearest existing ancestor must be a writable directory.
+  """
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory; give a file name for the output.")
+  if os.path.exists(path) and not os.path.isfile(path):
+    raise ValueError(f"{path} exists and is not a regular file; choose another "
+                     "output path.")
   parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"Cannot write {path}: {parent} is not a directory.")
   try:
-    os.makedirs(parent, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
       pass
   except OSError as e:
     raise ValueError(f"Cannot write {path}: {e.strerror or e}.") from None
-  if os.path.isdir(path):
-    raise ValueError(f"{path} is a directory; give a file name for the output.")
+
+
+def _load_upsampler(config, num_samples: int):
+  """The second stage's (config, params, options); checked like the first."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
+  sr_config, sr_params, _ = checkpointing.load_params(FLAGS.upsampler_workdir)
+  low_res_size = int(sr_config.model.get("low_res_size", 0))
+  if not low_res_size:
+    raise ValueError(
+        f"{FLAGS.upsampler_workdir} is not a super-resolution model (its config "
+        "has no model.low_res_size): --upsampler_workdir takes a run trained "
+        "like configs/digits_sr.py.")
+  if low_res_size != config.data.image_size or (
+      sr_config.data.channels != config.data.channels):
+    raise ValueError(
+        f"{FLAGS.upsampler_workdir} upsamples {low_res_size}x{low_res_size}x"
+        f"{sr_config.data.channels} images, but this model makes "
+        f"{config.data.image_size}x{config.data.image_size}x"
+        f"{config.data.channels}.")
+  if not 0 <= FLAGS.upsampler_aug_level <= sr_config.diffusion.num_timesteps:
+    raise ValueError(f"--upsampler_aug_level must lie in 0.."
+                     f"{sr_config.diffusion.num_timesteps}, got "
+                     f"{FLAGS.upsampler_aug_level}.")
+  sr_options = generation.SamplerOptions(sampler=FLAGS.sampler,
+                                         steps=FLAGS.upsampler_steps,
+                                         eta=FLAGS.eta)
+  low_res = np.broadcast_to(np.float32(0), (  # only its shape is checked
+      num_samples, low_res_size, low_res_size, config.data.channels))
+  generation.check_request(
+      sr_config, num_samples=num_samples, batch_size=FLAGS.batch_size,
+      options=sr_options, seed=FLAGS.seed, low_res=low_res,
+      aug_level=FLAGS.upsampler_aug_level)
+  return sr_config, sr_params, sr_options
 
 
 def run(argv) -> None:
@@ -94,21 +172,12 @@ def run(argv) -> None:
 
   from ddpm_jax import inpainting_io  # pylint: disable=g-import-not-at-top
 
-  classifier = None
-  if FLAGS.classifier_workdir:
-    cls_config, cls_params, _ = checkpointing.load_params(FLAGS.classifier_workdir)
-    classifier = (cls_config, cls_params)
-  options = generation.SamplerOptions(
-      sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
-      guidance_scale=FLAGS.guidance_scale,
-      classifier_scale=FLAGS.classifier_scale if classifier else 0.0,
-      resample=FLAGS.resample)
+  # The flags alone, before anything is loaded.
   if FLAGS.num_samples < 1 or FLAGS.batch_size < 1:
     raise ValueError("--num_samples and --batch_size must be >= 1.")
-  config, params, step = checkpointing.load_params(
-      FLAGS.workdir, step=FLAGS.step,
-      which="ema" if FLAGS.params == "ema" else "params")
-  d = generation.sampling_diffusion(config, options)  # K > T etc. fail here
+  generation.check_seed(FLAGS.seed)
+  _check_flag_combinations()
+  _check_output_names(FLAGS.out, FLAGS.grid)
   labels = None
   if FLAGS.class_label:
     try:
@@ -120,46 +189,60 @@ def run(argv) -> None:
     elif len(labels) != FLAGS.num_samples:
       raise ValueError(f"--class_label has {len(labels)} labels for "
                        f"--num_samples={FLAGS.num_samples}: give 1 or N.")
+  if (FLAGS.inpaint or FLAGS.mask) and (
+      not (FLAGS.inpaint and FLAGS.mask) or FLAGS.outpaint):
+    raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
+                     "(and no --outpaint).")
+  # The runs and inputs; every check of the request runs before "Sampling".
+  classifier = None
+  if FLAGS.classifier_workdir:
+    cls_config, cls_params, _ = checkpointing.load_params(FLAGS.classifier_workdir)
+    classifier = (cls_config, cls_params)
+  options = generation.SamplerOptions(
+      sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+      guidance_scale=FLAGS.guidance_scale,
+      classifier_scale=FLAGS.classifier_scale if classifier else 0.0,
+      resample=FLAGS.resample)
+  config, params, step = checkpointing.load_params(
+      FLAGS.workdir, step=FLAGS.step,
+      which="ema" if FLAGS.params == "ema" else "params")
+  generation.sampling_diffusion(config, options)  # K > T etc. before any image
   known = known_mask = None
-  if FLAGS.inpaint or FLAGS.mask:
-    if not (FLAGS.inpaint and FLAGS.mask) or FLAGS.outpaint:
-      raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
-                       "(and no --outpaint).")
+  if FLAGS.inpaint:
     known, known_mask = inpainting_io.load_inpainting(
         FLAGS.inpaint, FLAGS.mask, config.data.image_size, config.data.channels)
   elif FLAGS.outpaint:
     known, known_mask = inpainting_io.load_outpainting(
         FLAGS.outpaint, config.data.image_size, config.data.channels)
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"step_{step}.npz")
+  d = generation.check_request(
+      config, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
+      options=options, seed=FLAGS.seed, labels=labels, known=known,
+      known_mask=known_mask,
+      classifier_config=classifier[0] if classifier else None)
+  upsampler = None
+  if FLAGS.upsampler_workdir:
+    upsampler = _load_upsampler(config, FLAGS.num_samples)
+  # Named by what it holds; never the trainer's own samples/step_N.png.
+  out = FLAGS.out or os.path.join(
+      FLAGS.workdir, "samples",
+      f"sample_step{step}_{FLAGS.sampler}{d.num_timesteps}_seed{FLAGS.seed}.npz")
   grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
+  if grid != "none" and (
+      os.path.realpath(out) == os.path.realpath(grid) or (
+          os.path.exists(out) and os.path.exists(grid)
+          and os.path.samefile(out, grid))):
+    raise ValueError(f"--out {out} and --grid {grid} are the same file; give "
+                     "the grid another .png name (or --grid none).")
   writer = jax.process_index() == 0
   if writer:
     _check_writable(out)
     if grid != "none":
       _check_writable(grid)
+  batch_size = generation.batch_size_for(FLAGS.num_samples, FLAGS.batch_size)
   print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
         f"({FLAGS.params} params) with {FLAGS.sampler}, {d.num_timesteps} steps, "
-        f"on {jax.device_count()} device(s).", flush=True)
-  upsampler = None
-  if FLAGS.upsampler_workdir:
-    sr_config, sr_params, _ = checkpointing.load_params(FLAGS.upsampler_workdir)
-    if int(sr_config.model.get("low_res_size", 0)) != config.data.image_size or (
-        sr_config.data.channels != config.data.channels):
-      raise ValueError(
-          f"{FLAGS.upsampler_workdir} upsamples {sr_config.model.get('low_res_size', 0)}"
-          f"x{sr_config.model.get('low_res_size', 0)}x{sr_config.data.channels} "
-          f"images, but this model makes {config.data.image_size}x"
-          f"{config.data.image_size}x{config.data.channels}.")
-    sr_options = generation.SamplerOptions(sampler=FLAGS.sampler,
-                                           steps=FLAGS.upsampler_steps,
-                                           eta=FLAGS.eta)
-    generation.sampling_diffusion(sr_config, sr_options)
-    if not 0 <= FLAGS.upsampler_aug_level <= sr_config.diffusion.num_timesteps:
-      raise ValueError(f"--upsampler_aug_level must lie in 0.."
-                       f"{sr_config.diffusion.num_timesteps}, got "
-                       f"{FLAGS.upsampler_aug_level}.")
-    upsampler = (sr_config, sr_params, sr_options)
-  # Every remaining check of the request runs before the first step.
+        f"in batches of {batch_size} on {jax.device_count()} device(s).",
+        flush=True)
   result = generation.generate(
       config, params, num_samples=FLAGS.num_samples,
       batch_size=FLAGS.batch_size, options=options, seed=FLAGS.seed,
@@ -180,7 +263,7 @@ def run(argv) -> None:
     config = sr_config
   if "labels" in result:
     arrays["labels"] = result["labels"]
-  if writer:
+  if writer:  # the parent directories are made here, once the samples exist
     with files.atomic_write(out) as f:
       np.savez(f, **arrays)
     if grid != "none":
@@ -200,4 +283,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

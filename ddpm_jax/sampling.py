@@ -338,8 +338,14 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
         raise ValueError(
             f"Bad respacing {spec!r}: 'ddim' must be followed by a step count, "
             "as in 'ddim50'.") from None
-      # Strides below T, as in improved DDPM: 'ddim1' (only t = 0, one step
-      # from pure noise at the lowest level) is refused.
+      if wanted < 2:
+        # Strides below T, as in improved DDPM: one step (t = 0 alone) would
+        # denoise pure noise at the lowest noise level.
+        raise ValueError(f"Bad respacing {spec!r}: 'ddimK' needs K >= 2 steps.")
+      if wanted > num_timesteps:
+        raise ValueError(
+            f"Respacing {spec!r} asks for {wanted} steps but the process has "
+            f"only T={num_timesteps}.")
       for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == wanted:
           return list(range(0, num_timesteps, stride))

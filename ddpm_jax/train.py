@@ -6,8 +6,6 @@ newest complete checkpoint in DIR. For several CPU processes pass
 --coordinator_address/--num_processes/--process_id (see launch/local.sh); on
 a TPU pod or a SLURM cluster multi-host start-up is detected automatically.
 """
-import sys
-
 from absl import app
 from absl import flags
 
@@ -25,22 +23,6 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes (env JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's id (env JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv):
-  """absl flag parsing with a one-line error (exit 1) for unknown config keys."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}\nPass --helpfull for the flags.", file=sys.stderr)
-    sys.exit(1)
-  except (AttributeError, KeyError) as e:
-    # ml_collections raises these from a locked config for a key it lacks.
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: unknown config key {e} in one of {overrides}. Every key is "
-          "defined in configs/default.py (a locked config cannot gain keys).",
-          file=sys.stderr)
-    sys.exit(1)
 
 
 def main(argv):
@@ -62,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -258,10 +258,12 @@ def test_weight_errors_name_the_parameter(small, tmp_path, edit, match):
     convert.from_diffusers(str(tmp_path))
 
 
-def run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+def run_cli(*args, cwd=REPO_ROOT):
+  # From another directory: the installed package only, no checkout on the path.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO_ROOT if cwd == REPO_ROOT else "")
   return subprocess.run([sys.executable, "-m", "ddpm_jax.convert", *args],
-                        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=300)
 
 
@@ -288,6 +290,22 @@ def test_cli_writes_a_run_that_loads(small, tmp_path):
   with pytest.raises(convert.ConversionError, match="already holds"):
     convert.convert_to_workdir(directory, workdir)
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_cli_runs_from_another_directory(small, tmp_path):
+  """configs/default.py is found beside the package; bad overrides are one line."""
+  _, directory = small
+  result = run_cli("--diffusers", directory, "--workdir", "run", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  with open(tmp_path / "run" / convert.CONFIG_FILE) as f:
+    assert json.load(f)["data"]["image_size"] == 16
+  result = run_cli("--diffusers", directory, "--workdir", "run2", "--config",
+                   os.path.join(REPO_ROOT, "configs", "cifar10.py"),
+                   "--config.training.bogus=1", cwd=tmp_path)
+  assert result.returncode == 1
+  assert "unknown config key" in result.stderr and "bogus" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run2").exists()
 
 
 def test_cli_errors_exit_1_and_write_nothing(small, tmp_path):

@@ -72,22 +72,97 @@ def test_cli_bpd_writes_json(pretrained_run):
   r = run_cli("--workdir", pretrained_run, "--metric", "bpd", "--num_examples", "10",
               "--batch_size", "4")
   assert r.returncode == 0, r.stderr
-  path = os.path.join(pretrained_run, "eval", "bpd_test_step0.json")
+  path = os.path.join(pretrained_run, "eval", "bpd_test_step0_ema_n10.json")
   with open(path) as f:
     saved = json.load(f)
   assert saved["num_examples"] == 10 and len(saved["vb_per_t"]) == 20
-  assert f"{saved['total_bpd']:.4f}" in r.stdout
+  assert (saved["params"], saved["split"], saved["seed"], saved["batch_size"],
+          saved["step"]) == ("ema", "test", 0, 4, 0)
+  assert f"{saved['total_bpd']:.4f}" in r.stdout and path in r.stdout
+  # Other settings write their own file and leave this one as it was.
+  r = run_cli("--workdir", pretrained_run, "--metric", "bpd", "--num_examples", "4",
+              "--batch_size", "4", "--params", "raw", "--seed", "3")
+  assert r.returncode == 0, r.stderr
+  with open(os.path.join(pretrained_run, "eval", "bpd_test_step0_raw_n4_seed3.json")) as f:
+    raw = json.load(f)
+  assert (raw["params"], raw["num_examples"], raw["seed"]) == ("raw", 4, 3)
+  with open(path) as f:
+    assert json.load(f) == saved
 
 
 def test_cli_errors(pretrained_run, tmp_path):
   r = run_cli("--workdir", pretrained_run, "--metric", "bpd,nll")
   assert r.returncode == 1 and "'nll'" in r.stderr and "bpd, fid" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--metric", "")
+  assert r.returncode == 1 and "--metric needs one or more of bpd,fid,is,kid" in r.stderr
   r = run_cli("--workdir", pretrained_run, "--metric", "fid", "--num_samples", "10")
   assert r.returncode == 1 and "pt_inception-2015-12-05" in r.stderr
   r = run_cli("--workdir", pretrained_run, "--num_examples", "1000")
   assert r.returncode == 1 and "num_examples" in r.stderr
   r = run_cli("--workdir", str(tmp_path))
   assert r.returncode == 1 and "not a run directory" in r.stderr
+
+
+def test_cli_checks_every_metric_before_computing(pretrained_run, tmp_path):
+  """FID's setup is refused before the bits/dim pass, not after it."""
+  eval_dir = os.path.join(pretrained_run, "eval")
+  before = sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []
+  r = run_cli("--workdir", pretrained_run, "--metric", "bpd,fid", "--steps", "5000")
+  assert r.returncode == 1 and "5000" in r.stderr and "T=20" in r.stderr
+  assert "bits/dim" not in r.stdout
+  r = run_cli("--workdir", pretrained_run, "--metric", "bpd,fid", "--sampler", "ddim",
+              "--steps", "5")
+  assert r.returncode == 1 and "pt_inception-2015-12-05" in r.stderr
+  assert "bits/dim" not in r.stdout
+  # And bits/dim's inputs before FID's (here the weights, which are missing).
+  r = run_cli("--workdir", pretrained_run, "--metric", "bpd,fid", "--split", "nope")
+  assert r.returncode == 1 and "nope" in r.stderr
+  assert (sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []) == before
+
+
+def test_cli_refuses_bad_samples_and_weights_files(pretrained_run, tmp_path):
+  def npz(name, shape, dtype=np.uint8):
+    path = str(tmp_path / name)
+    np.savez(path, samples=np.zeros(shape, dtype))
+    return path
+
+  def garbage(name):
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+      f.write(b"not a zip, not a pickle " * 10)
+    return path
+
+  def fid(*args):
+    return run_cli("--workdir", pretrained_run, "--metric", "fid", *args)
+
+  # The model makes 8x8 greyscale digits: 2x upsampled or RGB samples are
+  # not its samples.
+  for shape in [(20, 16, 16, 1), (20, 8, 8, 3), (20, 8, 8)]:
+    r = fid("--samples", npz("x.npz", shape))
+    assert r.returncode == 1 and "needs uint8 [N, 8, 8, 1]" in r.stderr, shape
+    assert str(list(shape)) in r.stderr
+  r = fid("--samples", npz("x.npz", (20, 8, 8, 1), np.float32))
+  assert r.returncode == 1 and "float32" in r.stderr
+  r = fid("--samples", garbage("bad.npz"))
+  assert r.returncode == 1 and "allow_pickle" not in r.stderr
+  assert "bad.npz is not a valid .npz file of samples" in r.stderr
+  good = npz("good.npz", (20, 8, 8, 1))
+  r = fid("--samples", good, "--inception_weights", garbage("inception.npz"))
+  assert r.returncode == 1 and "allow_pickle" not in r.stderr
+  assert "inception.npz is not a valid .npz file of Inception weights" in r.stderr
+  r = fid("--samples", good, "--inception_weights", garbage("inception.pth"))
+  assert r.returncode == 1 and "weights_only" not in r.stderr
+  assert "not a readable torch weights file" in r.stderr and "Re-download" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_cli_inception_score_needs_two_samples_per_split(pretrained_run, tmp_path):
+  few = str(tmp_path / "few.npz")
+  np.savez(few, samples=np.zeros((19, 8, 8, 1), np.uint8))
+  r = run_cli("--workdir", pretrained_run, "--metric", "is", "--samples", few)
+  assert r.returncode == 1 and "at least 20 samples; got 19" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--metric", "fid,is", "--num_samples", "10")
+  assert r.returncode == 1 and "at least 20 samples; got 10" in r.stderr
 
 
 @pytest.mark.slow
@@ -99,17 +174,22 @@ def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
   np.savez(weights, **{k: v.numpy() for k, v in peer.state_dict().items()
                        if not k.endswith("num_batches_tracked")})
   cache = str(tmp_path / "cache")
-  r = run_cli("--workdir", pretrained_run, "--metric", "fid,is,kid",
-              "--num_samples", "12", "--batch_size", "8", "--num_reference",
+  r = run_cli("--workdir", pretrained_run, "--metric", "kid,is,fid",
+              "--num_samples", "20", "--batch_size", "8", "--num_reference",
               "12", "--sampler", "ddim", "--steps", "5", "--inception_weights",
               weights, "--stats_cache", cache)
   assert r.returncode == 0, r.stderr
-  with open(os.path.join(pretrained_run, "eval", "fid_is_kid_step0.json")) as f:
+  with open(os.path.join(pretrained_run, "eval",
+                         "fid_is_kid_step0_ema_ddim-5_n20_ref12.json")) as f:
     saved = json.load(f)
   assert len(os.listdir(cache)) == 1  # the reference statistics, cached
+  assert (saved["params"], saved["sampler"], saved["steps"], saved["seed"],
+          saved["num_reference"], saved["is_splits"], saved["kid_subset_size"]) == (
+              "ema", "ddim", "5", 0, 12, 10, 12)
+  assert saved["inception_weights_sha256"] == metrics.file_sha256(weights)
   config, params, _ = checkpointing.load_params(pretrained_run)
   samples = generation.generate(
-      config, params, num_samples=12, batch_size=8, progress=False,
+      config, params, num_samples=20, batch_size=8, progress=False,
       options=generation.SamplerOptions(sampler="ddim", steps="5"))["samples"]
   module, inception = metrics.load_inception(weights)
   feats = metrics.inception_features(module, inception, samples, batch_size=8)
@@ -123,4 +203,16 @@ def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
   np.testing.assert_allclose(saved["is"],
                              metrics.inception_score(feats["logits"], 10)[0],
                              rtol=1e-3)
-  assert np.isfinite(saved["kid"]) and saved["num_samples"] == 12
+  assert np.isfinite(saved["kid"]) and saved["num_samples"] == 20
+  # The same samples from a file: scored alike, in a file named after it.
+  path = str(tmp_path / "my_samples.npz")
+  np.savez(path, samples=samples)
+  r = run_cli("--workdir", pretrained_run, "--metric", "fid", "--samples", path,
+              "--batch_size", "8", "--num_reference", "12", "--inception_weights",
+              weights, "--stats_cache", cache)
+  assert r.returncode == 0, r.stderr
+  with open(os.path.join(pretrained_run, "eval",
+                         "fid_samples-my_samples_n20_ref12.json")) as f:
+    from_file = json.load(f)
+  np.testing.assert_allclose(from_file["fid"], saved["fid"], rtol=1e-6)
+  assert from_file["samples_file"] == path and "sampler" not in from_file

@@ -239,6 +239,85 @@ def test_convert_cli_then_load_npz_and_pth_agree(peer, converted, tmp_path, monk
   assert not os.path.exists(out)
 
 
+def test_weights_without_torch_is_a_one_line_value_error(tmp_path, monkeypatch):
+  pth = str(tmp_path / "weights.pth")
+  torch.save({"fc.bias": torch.zeros(3)}, pth)
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
+  with pytest.raises(ValueError) as e:
+    metrics.load_inception(pth)
+  msg = str(e.value)
+  assert "needs torch, which is not installed" in msg and "torch==2.13.0" in msg
+  assert "--convert" in msg and "\n" not in msg
+
+
+def test_corrupt_weights_files_are_refused_with_what_to_do(tmp_path):
+  good = str(tmp_path / "good.pth")
+  torch.save({"fc.bias": torch.zeros(1000)}, good)
+  with open(good, "rb") as f:
+    data = f.read()
+  truncated = str(tmp_path / "truncated.pth")
+  garbage = str(tmp_path / "garbage.pth")
+  with open(truncated, "wb") as f:
+    f.write(data[:len(data) // 2])
+  with open(garbage, "wb") as f:
+    f.write(b"not a pickle " * 20)
+  for path in (truncated, garbage):
+    with pytest.raises(ValueError, match="not a readable torch weights file") as e:
+      metrics.load_inception(path)
+    msg = str(e.value)
+    assert path in msg and metrics.WEIGHTS_URL in msg and "Re-download" in msg
+    assert "weights_only" not in msg and "\n" not in msg
+  npz = str(tmp_path / "garbage.npz")
+  with open(npz, "wb") as f:
+    f.write(b"not a zip " * 20)
+  with pytest.raises(ValueError, match="not a valid .npz file of Inception weights") as e:
+    metrics.load_inception(npz)
+  assert "allow_pickle" not in str(e.value) and metrics.WEIGHTS_URL in str(e.value)
+
+
+def test_read_npz_names_what_is_wrong(tmp_path):
+  path = str(tmp_path / "a.npz")
+  np.savez(path, samples=np.arange(6, dtype=np.uint8), labels=np.zeros(6, np.int32))
+  got = metrics.read_npz(path, "samples", keys=["samples"])
+  assert list(got) == ["samples"]
+  np.testing.assert_array_equal(got["samples"], np.arange(6))
+  assert sorted(metrics.read_npz(path, "samples")) == ["labels", "samples"]
+  with pytest.raises(ValueError, match=r"has no 'images' array \(it has \['samples', 'labels'\]\)"):
+    metrics.read_npz(path, "samples", keys=["images"])
+  with open(path, "rb") as f:
+    data = f.read()
+  cases = {"truncated.npz": data[:len(data) - 30], "empty.npz": b"",
+           "text.npz": b"hello " * 30}
+  for name, content in cases.items():
+    bad = str(tmp_path / name)
+    with open(bad, "wb") as f:
+      f.write(content)
+    with pytest.raises(ValueError, match="not a valid .npz file of samples: it is not a "
+                       "zip of numpy arrays.*Try again") as e:
+      metrics.read_npz(bad, "samples", hint="Try again.")
+    assert "allow_pickle" not in str(e.value), name
+  npy = str(tmp_path / "array.npz")
+  with open(npy, "wb") as f:
+    np.save(f, np.zeros(3))
+  with pytest.raises(ValueError, match="single .npy array"):
+    metrics.read_npz(npy, "samples")
+  objects = str(tmp_path / "objects.npz")
+  np.savez(objects, samples=np.array([None, 1], dtype=object))
+  with pytest.raises(ValueError, match="not a valid .npz file of samples"):
+    metrics.read_npz(objects, "samples")
+
+
+def test_file_sha256_in_chunks(tmp_path):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "w.bin")
+  content = np.random.default_rng(12).bytes(1000)
+  with open(path, "wb") as f:
+    f.write(content)
+  want = hashlib.sha256(content).hexdigest()
+  assert metrics.file_sha256(path) == want
+  assert metrics.file_sha256(path, chunk_size=7) == want  # 142 full chunks + 6 bytes
+
+
 # --------------------------------------------------------------------------
 # FID.
 # --------------------------------------------------------------------------
@@ -314,6 +393,18 @@ def test_inception_score_closed_forms():
   mean, std = metrics.inception_score(logits, splits=10)
   np.testing.assert_allclose(mean, k, rtol=1e-9)
   assert std < 1e-9
+
+
+def test_inception_score_needs_two_samples_per_split():
+  logits = np.random.default_rng(13).normal(size=(20, 30)) * 3
+  # One sample per split would score exactly 1 whatever the logits.
+  for n, splits in [(19, 10), (5, 5), (1, 1)]:
+    with pytest.raises(ValueError, match=f"at least {2 * splits} samples .*got {n}"):
+      metrics.inception_score(logits[:n], splits=splits)
+  mean, std = metrics.inception_score(logits, splits=10)
+  assert mean > 1.0 and std > 0.0
+  with pytest.raises(ValueError, match="splits must be >= 1"):
+    metrics.inception_score(logits, splits=0)
 
 
 def test_inception_score_matches_scipy_reference():
@@ -420,3 +511,57 @@ def test_reference_stats_failure_leaves_no_file(tmp_path):
   a = stats_cache.cache_path("folder:/a/b", cache)
   b = stats_cache.cache_path("folder:/a_b", cache)
   assert a != b and os.path.dirname(a) == cache and ":" not in os.path.basename(a)
+
+
+def test_weights_with_the_same_name_do_not_share_statistics(tmp_path):
+  """The cache is keyed by the weights' content: a different file of the
+  same name gets its own statistics, and the same content is reused."""
+  paths = []
+  for folder, value in [("a", 0.0), ("b", 1.0)]:
+    (tmp_path / folder).mkdir()
+    paths.append(str(tmp_path / folder / "pt_inception-2015-12-05-6726825d.npz"))
+    np.savez(paths[-1], w=np.full(3, value, np.float32))
+  copy = str(tmp_path / "copy.npz")
+  with open(paths[0], "rb") as src, open(copy, "wb") as dst:
+    dst.write(src.read())
+  rng = np.random.default_rng(14)
+  feats = {p: rng.normal(size=(10, 4)).astype(np.float32) for p in paths}
+  calls = []
+  cache = str(tmp_path / "cache")
+
+  def stats(weights, feats_of):
+    key = dict(dataset="digits", split="train", image_size=8, channels=1,
+               num_examples=10, weights_sha256=metrics.file_sha256(weights))
+    name, fingerprint = metrics.reference_key(**key)
+    return metrics.reference_stats(
+        name, lambda: calls.append(weights) or feats[feats_of], cache,
+        fingerprint=fingerprint)
+
+  first = stats(paths[0], paths[0])
+  second = stats(paths[1], paths[1])
+  assert calls == paths and len(os.listdir(cache)) == 2
+  np.testing.assert_allclose(second["mu"], feats[paths[1]].astype(np.float64).mean(0),
+                             rtol=1e-12)
+  assert np.abs(first["mu"] - second["mu"]).max() > 0.1
+  again = stats(copy, paths[1])  # the first file's content under another name
+  assert calls == paths  # served from the cache
+  np.testing.assert_array_equal(again["mu"], first["mu"])
+  # Everything else that changes the features changes the key too.
+  base = dict(dataset="digits", split="train", image_size=8, channels=1,
+              num_examples=10, weights_sha256="0" * 64)
+  keys = {metrics.reference_key(**base)}
+  for change in [dict(dataset="cifar10"), dict(split="test"), dict(image_size=16),
+                 dict(channels=3), dict(num_examples=11), dict(weights_sha256="1" * 64)]:
+    keys.add(metrics.reference_key(**{**base, **change}))
+  assert len({name for name, _ in keys}) == 7 and len({fp for _, fp in keys}) == 7
+
+
+def test_unreadable_cache_entry_is_recomputed(tmp_path):
+  cache = str(tmp_path)
+  feats = np.random.default_rng(15).normal(size=(10, 3)).astype(np.float32)
+  path = stats_cache.cache_path("x", cache)
+  with open(path, "wb") as f:
+    f.write(b"half a file")
+  got = metrics.reference_stats("x", lambda: feats, cache)
+  np.testing.assert_allclose(got["mu"], feats.astype(np.float64).mean(0), rtol=1e-12)
+  assert int(metrics.load_stats(path)["num_examples"]) == 10

@@ -209,7 +209,121 @@ def test_cli_two_stage_cascade_upsamples_the_base_samples(pretrained_run, tmp_pa
 
 def test_cli_cascade_errors(pretrained_run, tmp_path):
   r = run_cli("--workdir", pretrained_run, "--upsampler_workdir", pretrained_run)
-  assert r.returncode == 1 and "upsamples 0x0x1" in r.stderr
+  assert r.returncode == 1 and "not a super-resolution model" in r.stderr
+  assert "0x0" not in r.stderr
+
+
+def test_batch_is_capped_at_the_samples_and_keeps_them(pretrained_run, monkeypatch):
+  assert generation.batch_size_for(1, 64, num_devices=8) == 8
+  assert generation.batch_size_for(10, 64, num_devices=8) == 16
+  assert generation.batch_size_for(100, 64, num_devices=8) == 64
+  assert generation.batch_size_for(5, 3, num_devices=2) == 4
+  assert generation.batch_size_for(1, 64, num_devices=2) == 2
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  small = generation.generate(config, params, num_samples=10, batch_size=8,
+                              seed=3, progress=False)
+  traced = []
+  sample_steps = sampling.sample_steps
+
+  def recording(d, model_fn, x, *args, **kwargs):
+    traced.append(x.shape[0])
+    return sample_steps(d, model_fn, x, *args, **kwargs)
+
+  monkeypatch.setattr(sampling, "sample_steps", recording)
+  capped = generation.generate(config, params, num_samples=10, batch_size=64,
+                               seed=3, progress=False)
+  # 10 samples on 8 devices: one batch of 16 chains, not 64.
+  assert capped["batch_size"] == 16 and traced and set(traced) == {16}
+  assert small["batch_size"] == 8
+  np.testing.assert_array_equal(capped["samples"], small["samples"])
+
+
+def test_seeds_outside_uint32_are_refused(pretrained_run):
+  top = generation.example_keys(2**32 - 1, 0, 2)
+  assert not np.array_equal(top, generation.example_keys(0, 0, 2))
+  for seed in (2**32, -1, 10**30):
+    with pytest.raises(ValueError, match=r"0\.\.4294967295"):
+      generation.example_keys(seed, 0, 2)
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  with pytest.raises(ValueError, match=r"got 4294967296"):  # not seed 0's samples
+    generation.generate(config, params, num_samples=2, batch_size=2,
+                        seed=2**32, progress=False)
+  for seed in ("4294967296", "100000000000000000000000"):
+    r = run_cli("--workdir", pretrained_run, "--seed", seed)
+    assert r.returncode == 1 and "0..4294967295" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Sampling" not in r.stdout
+
+
+def test_cli_output_names_are_checked_before_sampling(pretrained_run, tmp_path):
+  new = tmp_path / "newd"
+  r = run_cli("--workdir", pretrained_run, "--out", str(new / "a.png"))
+  assert r.returncode == 1 and "--out must end in .npz" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--out", str(new / "a.npz"),
+              "--grid", str(new / "a.npz"))
+  assert r.returncode == 1 and "--grid must end in .png" in r.stderr
+  out = tmp_path / "s.npz"
+  out.write_bytes(b"old")
+  (tmp_path / "g.png").symlink_to(out)
+  r = run_cli("--workdir", pretrained_run, "--out", str(out), "--grid",
+              str(tmp_path / "g.png"))
+  assert r.returncode == 1 and "same file" in r.stderr
+  assert out.read_bytes() == b"old" and not new.exists()
+  assert "Sampling" not in r.stdout
+
+
+def test_cli_default_output_is_named_by_its_contents(tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config()
+  params = random_params(config)
+  checkpointing.save_pretrained(str(workdir), config, params)
+  trainer_grid = workdir / "samples" / "step_0.png"  # the trainer's own grid
+  os.makedirs(trainer_grid.parent)
+  trainer_grid.write_bytes(b"trainer")
+  # '4,1' keeps 5 of T=20 steps: K in the name is the steps actually run.
+  r = run_cli("--workdir", str(workdir), "--num_samples", "2", "--sampler",
+              "ddim", "--steps", "4,1", "--seed", "7")
+  assert r.returncode == 0, r.stderr
+  assert "in batches of 2 on 2 device(s)" in r.stdout  # not the default 64
+  assert trainer_grid.read_bytes() == b"trainer"
+  name = workdir / "samples" / "sample_step0_ddim5_seed7"
+  assert sorted(os.listdir(workdir / "samples")) == [
+      "sample_step0_ddim5_seed7.npz", "sample_step0_ddim5_seed7.png", "step_0.png"]
+  samples = np.load(f"{name}.npz")["samples"]
+  assert_images_close(samples, reference_samples(
+      config, params, seed=7, n=2, steps="4,1", sampler="ddim"))
+  grid = np.asarray(Image.open(f"{name}.png"))
+  expected = image_grid.make_grid(samples.astype(np.float32) / 127.5 - 1.0)
+  np.testing.assert_array_equal(grid[::8, ::8], expected[..., 0])
+
+
+def test_cli_request_errors_come_before_sampling_and_create_nothing(
+    pretrained_run, tmp_path):
+  out = str(tmp_path / "newd" / "s.npz")
+  for args, message in [
+      (["--class_label", "3"], "unconditional"),
+      (["--resample", "2"], "inpainting only"),
+      (["--classifier_workdir", pretrained_run], "not 'classifier'"),
+      (["--upsampler_workdir", pretrained_run], "not a super-resolution"),
+  ]:
+    r = run_cli("--workdir", pretrained_run, "--out", out, *args)
+    assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+    assert "Sampling" not in r.stdout, args
+    assert not os.path.exists(tmp_path / "newd"), args
+
+
+def test_cli_refuses_flags_it_would_ignore(pretrained_run):
+  for args, message in [
+      (["--upsampler_steps", "5"], "--upsampler_steps is for the second stage"),
+      (["--upsampler_aug_level", "3"], "--upsampler_aug_level is for the second"),
+      (["--classifier_scale", "2"], "--classifier_scale needs --classifier_workdir"),
+      (["--eta", "0.5"], "pass --sampler ddim"),
+  ]:
+    r = run_cli("--workdir", pretrained_run, *args)
+    assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+  # Default values are not refused: the next check (K > T) reports instead.
+  r = run_cli("--workdir", pretrained_run, "--eta", "0", "--classifier_scale",
+              "1", "--steps", "50")
+  assert r.returncode == 1 and "only T=20" in r.stderr, r.stderr
 
 
 def test_a_classifier_run_is_refused_as_the_model():

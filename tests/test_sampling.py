@@ -239,8 +239,11 @@ def test_space_timesteps_rounds_as_improved_ddpm():
       counts = [int(c) for c in spec.split(",")]
       if max(counts) <= t // len(counts):
         assert S.space_timesteps(t, spec) == improved_ddpm_sections(t, counts), (t, spec)
-  with pytest.raises(ValueError, match="exactly 1 evenly strided"):
-    S.space_timesteps(100, "ddim1")
+  for spec in ("ddim1", "ddim0", "ddim-3"):
+    with pytest.raises(ValueError, match="needs K >= 2"):
+      S.space_timesteps(100, spec)
+  with pytest.raises(ValueError, match="asks for 150 steps but the process has only T=100"):
+    S.space_timesteps(100, "ddim150")
 
 
 def test_chains_run_in_float32_from_any_float_state():

@@ -52,6 +52,21 @@ def test_unknown_config_key_exits_1(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_config_by_path_from_another_directory_and_its_own_errors(tmp_path):
+  """configs/X.py imports configs.default: found from any working directory.
+  A config's own error (an unknown variant) is one line, not a traceback."""
+  env = dict(_env(), PYTHONPATH="")  # the installed package, no checkout on the path
+  r = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.train", "--config",
+       os.path.join(ROOT, "configs", "digits.py") + ":bogus", "--workdir",
+       str(tmp_path / "w")], cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert r.returncode == 1
+  assert "unknown variant 'bogus'; use '' or 'test'" in r.stderr
+  assert "Traceback" not in r.stderr and "No module named" not in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("dataset,match", [("no_such_dataset_xyz", "no_such_dataset_xyz"),
                                            ("folder:{empty}", "image")])
 def test_bad_dataset_exits_1_without_touching_the_run(tmp_path, dataset, match):

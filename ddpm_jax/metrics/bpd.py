@@ -42,6 +42,26 @@ def make_bpd_fn(model: Any, conditional: bool):
   return jax.jit(bpd_sums)
 
 
+def check_inputs(config: ml_collections.ConfigDict, *, split: str = "test",
+                 num_examples: Optional[int] = None) -> int:
+  """The number of examples `evaluate_bpd` would evaluate; checks, computes nothing.
+
+  Raises:
+    ValueError: a classifier run (no likelihood), a bad data config or split,
+      or num_examples outside [1, len(split)].
+  """
+  if models.is_classifier(config):
+    raise ValueError("This run is a noise-aware classifier: it has no "
+                     "likelihood to evaluate.")
+  total = len(input_pipeline.create_source(config, split))
+  if num_examples is None:
+    return total
+  if not isinstance(num_examples, int) or not 1 <= num_examples <= total:
+    raise ValueError(f"num_examples must be an int in [1, {total}] (the size "
+                     f"of split {split!r}); got {num_examples!r}.")
+  return num_examples
+
+
 def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
                  split: str = "test", batch_size: int = 64,
                  num_examples: Optional[int] = None, seed: int = 0,
@@ -65,9 +85,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
     `num_examples`, `seconds`; and `conditional` (True when a class-conditional
     model was given each example's label).
   """
-  if models.is_classifier(config):
-    raise ValueError("This run is a noise-aware classifier: it has no "
-                     "likelihood to evaluate.")
+  total = check_inputs(config, split=split, num_examples=num_examples)
   mesh = parallel.create_mesh()
   n_dev = mesh.devices.size
   batch_size = math.ceil(batch_size / n_dev) * n_dev
@@ -76,7 +94,6 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
   conditional = int(config.model.num_classes) > 0
   it = input_pipeline.create_eval_iterator(
       config, split=split, batch_size=batch_size, num_examples=num_examples)
-  total = num_examples or len(input_pipeline.create_source(config, split))
   bpd_fn = make_bpd_fn(model, conditional)
   params = jax.device_put(params, parallel.replicated(mesh))
   sharding = parallel.batch_sharding(mesh)

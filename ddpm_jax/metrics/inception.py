@@ -33,11 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import files
+from ddpm_jax.metrics import stats_cache
 
 WEIGHTS_ENV_VAR = "DDPM_JAX_INCEPTION_WEIGHTS"
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
                "fid_weights/" + WEIGHTS_FILENAME)
+# The CPU build the project's test extra pins (setup.cfg).
+TORCH_VERSION = "2.13.0"
 INPUT_SIZE = 299
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
@@ -325,22 +328,42 @@ def _check_against_module(params: Params, unexpected: Sequence[str]) -> None:
 
 
 def read_state_dict(path: str) -> dict:
-  """Reads a weights file: `.npz` (numpy only) or a torch `.pth`/`.pt`."""
+  """Reads a weights file: `.npz` (numpy only) or a torch `.pth`/`.pt`.
+
+  Raises:
+    ValueError: one line saying what is wrong and what to do, when the file
+      is not a readable `.npz` or torch file (truncated, corrupt, another
+      format) or reading a torch file needs torch and it is not installed.
+  """
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+    return stats_cache.read_npz(
+        path, "Inception weights",
+        hint=f"Re-download {WEIGHTS_FILENAME} from {WEIGHTS_URL} and convert it "
+        "again (python -m ddpm_jax.metrics.inception --convert IN.pth --out OUT.npz).")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError(
+    raise ValueError(
         f"Reading the torch weights file {path} needs torch, which is not "
-        "installed. Either `pip install torch`, or convert the file once on a "
-        "machine that has torch: `python -m ddpm_jax.metrics.inception "
-        f"--convert {path} --out inception.npz`, and use the .npz.") from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
+        f"installed: install it (`pip install torch=={TORCH_VERSION} --index-url "
+        "https://download.pytorch.org/whl/cpu`, the CPU build), or convert the "
+        "file once where torch is installed (`python -m ddpm_jax.metrics.inception "
+        f"--convert {path} --out inception.npz`) and use the .npz.") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except OSError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # torch raises UnpicklingError, RuntimeError, EOFError, ... with messages
+    # that suggest loading the file unsafely; say what is wrong instead.
+    raise ValueError(
+        f"{path} is not a readable torch weights file ({type(e).__name__}): it "
+        f"is truncated, corrupt or not a state_dict. Re-download "
+        f"{WEIGHTS_FILENAME} from {WEIGHTS_URL}.") from None
   if not isinstance(state, Mapping):
     raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict.")
-  return {k: v.detach().cpu().numpy() for k, v in state.items()}
+  return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v
+          for k, v in state.items()}
 
 
 def resolve_weights_path(weights_path: Optional[str] = None) -> str:

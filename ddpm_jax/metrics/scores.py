@@ -15,6 +15,10 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from scipy import linalg
 
+# The Inception Score of a one-sample split is exactly 1 (p(y|x) is its own
+# marginal), so every split needs at least two samples.
+MIN_SAMPLES_PER_SPLIT = 2
+
 
 def stats_from_features(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   """Mean `[D]` and covariance `[D, D]` (ddof=1), float64, of features `[N, D]`."""
@@ -75,13 +79,23 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> Tuple[float, float]
   The samples are split in order into `splits` parts (as the original code;
   part i is rows `i*N//splits : (i+1)*N//splits`); each part's score is
   `exp(mean_x KL(p(y|x) || mean_x p(y|x)))`. Ranges from 1 to K.
+
+  Raises:
+    ValueError: when a part would have fewer than MIN_SAMPLES_PER_SPLIT
+      samples (N < 2 * splits): a one-sample part scores exactly 1 whatever
+      the images, so such a score means nothing.
   """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2:
     raise ValueError(f"logits must be [N, K], got shape {logits.shape}.")
   n = logits.shape[0]
-  if not 1 <= splits <= n:
-    raise ValueError(f"splits must be in [1, N={n}], got {splits}.")
+  if splits < 1:
+    raise ValueError(f"splits must be >= 1, got {splits}.")
+  if n < MIN_SAMPLES_PER_SPLIT * splits:
+    raise ValueError(
+        f"The Inception Score over {splits} splits needs at least "
+        f"{MIN_SAMPLES_PER_SPLIT * splits} samples ({MIN_SAMPLES_PER_SPLIT} per "
+        f"split; a one-sample split always scores 1), got {n}.")
   log_p = _log_softmax(logits)
   scores = []
   for i in range(splits):

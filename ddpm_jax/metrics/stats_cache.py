@@ -5,17 +5,68 @@ float64 `[D, D]`, `num_examples`, `fingerprint` and, when asked for (KID
 needs them), `features` float32 `[N, D]`. The `mu`/`sigma` keys are
 pytorch-fid's, so its `--save-stats` files load with `load_stats` too.
 Files are written to a temporary name and renamed, so a crash never leaves
-a half-written cache behind.
+a half-written cache behind. `read_npz` (an `.npz` read without pickle, with
+one-line errors) and `file_sha256` are shared by the other metrics modules.
 """
 import hashlib
+import json
 import os
 import re
-from typing import Callable, Optional
+import zipfile
+import zlib
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ddpm_jax import files
 from ddpm_jax.metrics import scores
+
+
+def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
+  """The hex sha256 of a file's content, read in chunks of `chunk_size` bytes."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(chunk_size), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def read_npz(path: str, kind: str, keys: Optional[Sequence[str]] = None,
+             hint: str = "") -> dict:
+  """Arrays of an `.npz` file (all of them, or `keys`), read without pickle.
+
+  Args:
+    path: the file.
+    kind: what the file should hold, for the messages (e.g. 'samples').
+    keys: the arrays to read (all must be there); default: every array.
+    hint: what to do about an invalid file, appended to the messages.
+
+  Raises:
+    ValueError: one line saying `path` is not a valid `.npz` of `kind` (not a
+      zip of numpy arrays, truncated or corrupt, holding object arrays, or
+      lacking one of `keys`).
+    OSError: the file cannot be opened.
+  """
+  hint = f" {hint}" if hint else ""
+  invalid = (f"{path} is not a valid .npz file of {kind}: it is not a zip of "
+             f"numpy arrays, or it is truncated or corrupt.{hint}")
+  try:
+    f = np.load(path, allow_pickle=False)
+  except (ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(invalid) from e
+  if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy array
+    raise ValueError(f"{path} is not a valid .npz file of {kind}: it is a single "
+                     f".npy array, not an .npz archive of named arrays.{hint}")
+  with f:
+    missing = [k for k in keys or () if k not in f.files]
+    if missing:
+      raise ValueError(f"{path} is not an .npz file of {kind}: it has no "
+                       f"{', '.join(map(repr, missing))} array (it has "
+                       f"{f.files}).{hint}")
+    try:
+      return {k: f[k] for k in (keys or f.files)}
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+      raise ValueError(invalid) from e
 
 
 def cache_path(name: str, cache_dir: str) -> str:
@@ -30,6 +81,25 @@ def cache_path(name: str, cache_dir: str) -> str:
   if safe != name:
     safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
   return os.path.join(cache_dir, safe + ".npz")
+
+
+def reference_key(*, dataset: str, split: str, image_size: int, channels: int,
+                  num_examples: int, weights_sha256: str) -> tuple[str, str]:
+  """(name, fingerprint) of a data set's Inception statistics, for `reference_stats`.
+
+  Everything that changes the features is in the fingerprint: the images
+  (data set, split, size, channels, the first `num_examples`) and the content
+  of the Inception weights file (`file_sha256`), not its name. The name (the
+  cache file) carries the same with a 12-digit prefix of the sha256, so the
+  statistics of other weights sit beside these rather than replace them.
+  """
+  fingerprint = json.dumps(
+      {"dataset": dataset, "split": split, "image_size": int(image_size),
+       "channels": int(channels), "num_examples": int(num_examples),
+       "inception_sha256": weights_sha256}, sort_keys=True)
+  name = (f"{dataset}-{split}{int(num_examples)}-{int(image_size)}x{int(channels)}"
+          f"-inception{weights_sha256[:12]}")
+  return name, fingerprint
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *,
@@ -49,11 +119,10 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *,
 
 def load_stats(path: str) -> dict:
   """Reads a statistics `.npz` (ours or pytorch-fid's): dict with at least mu, sigma."""
-  with np.load(path, allow_pickle=False) as f:
-    if "mu" not in f.files or "sigma" not in f.files:
-      raise ValueError(f"{path} is not a statistics file: it lacks 'mu' and 'sigma' "
-                       f"(it has {f.files}).")
-    out = {k: f[k] for k in f.files}
+  out = read_npz(path, "Inception statistics")
+  if "mu" not in out or "sigma" not in out:
+    raise ValueError(f"{path} is not a statistics file: it lacks 'mu' and 'sigma' "
+                     f"(it has {sorted(out)}).")
   out["fingerprint"] = str(out.get("fingerprint", ""))
   return out
 
@@ -78,7 +147,9 @@ def reference_stats(
       entry without features is recomputed when they are asked for. 50k
       CIFAR-10 pool3 features take 400 MB.
     fingerprint: a string describing how the features were made (e.g. the
-      weights file name); a cache entry with another fingerprint is recomputed.
+      sha256 of the Inception weights file and the reference images' data
+      set, split, size and count); a cache entry with another fingerprint,
+      or one that cannot be read, is recomputed.
 
   Returns:
     dict: 'mu' float64 `[D]`, 'sigma' float64 `[D, D]`, 'num_examples',
@@ -86,8 +157,12 @@ def reference_stats(
   """
   path = cache_path(name, cache_dir)
   if os.path.exists(path):
-    cached = load_stats(path)
-    if cached["fingerprint"] == fingerprint and (not keep_features or "features" in cached):
+    try:
+      cached = load_stats(path)
+    except ValueError:  # Not (or no longer) a readable statistics file: remake it.
+      cached = None
+    if (cached is not None and cached["fingerprint"] == fingerprint
+        and (not keep_features or "features" in cached)):
       return cached
   features = np.asarray(compute_fn())
   mu, sigma = scores.stats_from_features(features)

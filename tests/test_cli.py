@@ -1,0 +1,46 @@
+"""cli: one-line errors and exit codes shared by every entry point."""
+import logging
+
+import pytest
+from absl import logging as absl_logging
+
+from ddpm_jax import cli
+
+
+def _raise(error):
+  raise error
+
+
+@pytest.mark.parametrize("error,code,text", [
+    (ValueError("bad --steps"), 1, "error: bad --steps"),
+    (FileNotFoundError("no such run"), 1, "error: no such run"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_user_errors_and_ctrl_c_end_in_one_line(error, code, text, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.exit_on_user_error(_raise, error)
+  assert exit_info.value.code == code
+  err = capsys.readouterr().err
+  assert err.strip() == text and "Traceback" not in err
+
+
+def test_other_errors_are_not_hidden():
+  with pytest.raises(ZeroDivisionError):
+    cli.exit_on_user_error(lambda: 1 / 0)
+
+
+def test_quiet_orbax_drops_only_the_expected_lines():
+  cli.quiet_orbax()
+  handler = absl_logging.get_absl_handler()
+
+  def shown(level, msg, path, args=None):
+    record = logging.LogRecord("absl", level, path, 1, msg, args, None)
+    return all(f.filter(record) for f in handler.filters)
+
+  orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not shown(logging.INFO, "Saving checkpoint", orbax)
+  assert not shown(logging.WARNING, "Given directory is read only=/w/checkpoints", orbax)
+  assert not shown(logging.WARNING, 'Item "%s" was found in the checkpoint, but could '
+                   "not be restored.", orbax, ("data",))
+  assert shown(logging.WARNING, "Checkpoint save failed", orbax)
+  assert shown(logging.INFO, "step 10/100 loss 0.1", "/ddpm_jax/trainer.py")
