@@ -1,4 +1,5 @@
 """What every command-line entry point shares: user errors end in one line, exit 1."""
+import ast
 import logging
 import os
 import sys
@@ -55,6 +56,10 @@ def parse_flags(argv):
   /path/to/ddpm_jax/configs/cifar10.py` works from any directory.
   """
   for path in _config_paths(argv):
+    if not os.path.isfile(path):
+      print(f"error: --config {path}: no such file (configs/ holds the "
+            "built-in ones, e.g. configs/digits.py).", file=sys.stderr)
+      sys.exit(1)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.basename(folder) == "configs" and os.path.isfile(path):
       sys.path.insert(0, os.path.dirname(folder))
@@ -71,7 +76,14 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:
     # ml_collections raises these from a locked config for a key it lacks.
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: unknown config key {e} in one of {overrides}. Every key is "
+    key = str(e.args[0]) if e.args else str(e)
+    if key[:1] in "'\"":  # ml_collections passes on a KeyError's repr
+      try:
+        key = str(ast.literal_eval(key))
+      except (ValueError, SyntaxError):
+        pass
+    key = " ".join(key.split())  # "'x' Did you mean "y" instead of "x"?"
+    print(f"error: unknown config key {key} (in one of {overrides}). Every key is "
           "defined in configs/default.py (a locked config cannot gain keys).",
           file=sys.stderr)
     sys.exit(1)

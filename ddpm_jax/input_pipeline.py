@@ -89,7 +89,7 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> Any:
                      f"{ACCEPTED_FORMS}.")
   return tfds_source.TfdsImageSource(
       name, split, image_size=data.image_size, channels=data.channels,
-      num_classes=data.num_classes, data_dir=data.get("data_dir", None))
+      num_classes=data.num_classes, data_dir=data.get("data_dir") or None)
 
 
 class _WithoutLabels:

@@ -20,9 +20,10 @@ if [[ -z "$python" ]]; then
 fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -n) num="$2"; shift 2 ;;
-    -d) devices="$2"; shift 2 ;;
-    -p) port="$2"; shift 2 ;;
+    -n|-d|-p)
+      [[ $# -ge 2 ]] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+      case "$1" in -n) num=$2 ;; -d) devices=$2 ;; -p) port=$2 ;; esac
+      shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -35,6 +36,7 @@ done
 log_dir=${LOG_DIR:-/tmp/ddpm_local_$port}
 
 pids=()
+# shellcheck disable=SC2317  # called by the trap
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 
@@ -54,8 +56,16 @@ done
 
 status=0
 for ((i = 0; i < num; i++)); do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $log_dir/process_$i.log" >&2
+  while :; do
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    # A trapped signal (SIGTERM passed on to the processes) ends `wait` early
+    # with 128+n while the process is still saving: wait for it again.
+    if ((rc > 128)) && kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
+    break
+  done
+  if ((rc != 0)); then
+    echo "process $i failed (exit $rc); see $log_dir/process_$i.log" >&2
     status=1
   fi
 done

@@ -44,3 +44,25 @@ def test_quiet_orbax_drops_only_the_expected_lines():
                    "not be restored.", orbax, ("data",))
   assert shown(logging.WARNING, "Checkpoint save failed", orbax)
   assert shown(logging.INFO, "step 10/100 loss 0.1", "/ddpm_jax/trainer.py")
+
+
+def test_config_flag_errors_are_one_clear_line(tmp_path):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def train(*args):
+    return subprocess.run([sys.executable, "-m", "ddpm_jax.train", "--workdir",
+                           str(tmp_path / "w"), *args], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+
+  proc = train("--config", "configs/nope.py")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "error: --config configs/nope.py: no such file (configs/ holds the built-in "
+      "ones, e.g. configs/digits.py)."]
+  proc = train("--config", "configs/digits.py:test", "--config.training.batchsize=8")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith(
+      "error: unknown config key 'batchsize' Did you mean \"batch_size\" instead of "
+      "\"batchsize\"? (in one of ['--config.training.batchsize']).")
+  assert not (tmp_path / "w").exists()

@@ -308,6 +308,26 @@ def test_tfds_not_prepared_names_the_fix(tmp_path):
     input_pipeline.create_source(config, "train")
 
 
+def test_tfds_not_prepared_under_tfds_data_dir_names_the_fix(tmp_path):
+  """Through TFDS_DATA_DIR tfds raises KeyError ('splits is empty'): same message."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  program = ("from configs import default; from ddpm_jax import input_pipeline\n"
+             "try:\n  input_pipeline.create_source(default.get_config(), 'train')\n"
+             "except ValueError as e:\n  print('ValueError:', e)\n")
+  proc = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True,
+                        text=True, timeout=300,
+                        env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path), PYTHONPATH=root))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "ValueError: tfds data set 'cifar10'" in proc.stdout
+  assert "array_record" in proc.stdout and str(tmp_path) in proc.stdout
+
+
+def test_default_config_has_the_documented_data_keys():
+  data = default.get_config().data
+  assert data.data_dir == "" and data.worker_count == 0
+
+
 class _FakeSplits:
 
   def __init__(self, names):

@@ -99,7 +99,9 @@ class TfdsImageSource:
       # from inside a training job.
       self._source = tfds.data_source(name, split=split, data_dir=data_dir,
                                       download=False)
-    except (NotImplementedError, AssertionError, FileNotFoundError) as e:
+    # tfds raises KeyError ("splits is empty") for a data set it knows but
+    # finds no prepared files of.
+    except (NotImplementedError, AssertionError, FileNotFoundError, KeyError) as e:
       raise ValueError(
           f"tfds data set {name!r} (split {split!r}) is not prepared in the "
           f"array_record format under {builder.data_dir}. "
