@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import keys
+
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "hybrid")
@@ -511,7 +513,8 @@ def calc_bpd_loop(d: GaussianDiffusion, model_fn: ModelFn, x_start, rng,
 
   Args:
     x_start: `[B, ...]` data on the 256 bin centres of [-1, 1].
-    rng: a PRNG key.
+    rng: a PRNG key, or one key per example (`[B]` typed or `[B, 2]` raw), so
+      that an example's bound does not depend on the batch it is in.
 
   Returns:
     dict of float32: `total_bpd` `[B]` (prior + sum of all terms), `prior_bpd`
@@ -522,8 +525,7 @@ def calc_bpd_loop(d: GaussianDiffusion, model_fn: ModelFn, x_start, rng,
 
   def term(_, t_scalar):
     t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
-    noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x_start.shape,
-                              x_start.dtype)
+    noise = keys.normal(keys.fold_in(rng, t_scalar), x_start.shape, x_start.dtype)
     x_t = q_sample(d, x_start, t, noise)
     output = call_model(d, model_fn, x_t, t)
     vb, pred_xstart = vb_terms_bpd(d, output, x_start, x_t, t,

@@ -134,6 +134,7 @@ class ToModelInput(grain.transforms.Map):
            "label": batch["label"].astype(np.int32)}
     if "mask" in batch:
       out["mask"] = batch["mask"].astype(bool)
+      out["index"] = batch["index"].astype(np.int32)
     return out
 
 
@@ -219,8 +220,8 @@ def create_train_iterator(
 class _PaddedShard:
   """This host's contiguous slice of the first `num_examples`, padded.
 
-  Index i < end - start is example start + i with mask True; beyond that a
-  zero image with label 0 and mask False, so that every host yields the same
+  Index i < end - start is example start + i with mask True (and that index
+  in the split); beyond that a zero image with label 0, index -1 and mask False, so that every host yields the same
   number of batches (collectives need that) while each real example appears
   exactly once over all hosts.
   """
@@ -236,10 +237,10 @@ class _PaddedShard:
     if index < self._count:
       example = self._source[self._start + index]
       return {"image": example["image"], "label": np.int32(example["label"]),
-              "mask": np.bool_(True)}
+              "mask": np.bool_(True), "index": np.int32(self._start + index)}
     return {"image": np.zeros(self._image_shape, np.uint8),
             "label": np.int32(0),
-            "mask": np.bool_(False)}
+            "mask": np.bool_(False), "index": np.int32(-1)}
 
 
 def create_eval_iterator(
@@ -263,8 +264,9 @@ def create_eval_iterator(
 
   Returns:
     An iterator of `{'image': float32 [B_local, S, S, C] in [-1, 1],
-    'label': int32 [B_local], 'mask': bool [B_local]}`; mask is False on
-    padding. Over all hosts, each of the n examples has mask True exactly
+    'label': int32 [B_local], 'mask': bool [B_local], 'index': int32
+    [B_local]}`: mask is False on padding; index is the example's index in
+    the split (-1 on padding). Over all hosts, each of the n examples has mask True exactly
     once.
 
   Raises:

@@ -16,34 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion as diff
+from ddpm_jax import keys
 from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
 
 SAMPLERS = ("ancestral", "ddim")
 
 # cond_fn(x_t, t) -> gradient shaped like x_t (classifier guidance).
 CondFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def _is_batched(rng) -> bool:
-  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    return rng.ndim == 1
-  return rng.ndim == 2
-
-
-def _fold_in(rng, data):
-  if _is_batched(rng):
-    return jax.vmap(lambda k: jax.random.fold_in(k, data))(rng)
-  return jax.random.fold_in(rng, data)
-
-
-def _normal(rng, shape, dtype=jnp.float32):
-  """Standard normal `shape`; per example when `rng` is a batch of keys."""
-  if _is_batched(rng):
-    if rng.shape[0] != shape[0]:
-      raise ValueError(
-          f"Got {rng.shape[0]} keys for a batch of {shape[0]} examples.")
-    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(rng)
-  return jax.random.normal(rng, shape, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +48,7 @@ def p_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
   if cond_fn is not None:
     # Dhariwal & Nichol 2021, Algorithm 1: mu + s Sigma grad log p(y | x_t).
     mean = mean + out["variance"] * diff.call_model(d, cond_fn, x, t)
-  noise = _normal(rng, x.shape, x.dtype)
+  noise = keys.normal(rng, x.shape, x.dtype)
   nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
                          t, x.ndim)
   sample = mean + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
@@ -106,7 +85,7 @@ def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
            jnp.sqrt(1.0 - abar / abar_prev))
   mean = (out["pred_xstart"] * jnp.sqrt(abar_prev) +
           jnp.sqrt(1.0 - abar_prev - jnp.square(sigma)) * eps)
-  noise = _normal(rng, x.shape, x.dtype)
+  noise = keys.normal(rng, x.shape, x.dtype)
   nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
                          t, n)
   return dict(sample=mean + nonzero * sigma * noise,
@@ -196,18 +175,18 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
     # The known region at level t - 1 (abar_prev = 1 at t = 0: exact).
     abar_prev = diff.extract(d.alphas_cumprod_prev, t_b, n)
     noised = (jnp.sqrt(abar_prev) * known + jnp.sqrt(1.0 - abar_prev) *
-              _normal(_fold_in(key, 1), x.shape, x.dtype))
+              keys.normal(keys.fold_in(key, 1), x.shape, x.dtype))
     return known_mask * noised + (1.0 - known_mask) * x_prev
 
   def body(i, x):
     t = t_start - 1 - i
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    key = _fold_in(rng, t)
+    key = keys.fold_in(rng, t)
 
     def jump_back(r, x):
-      x_prev = step(x, t_b, _fold_in(_fold_in(key, 2), r))
+      x_prev = step(x, t_b, keys.fold_in(keys.fold_in(key, 2), r))
       beta = diff.extract(d.betas, t_b, n)
-      z = _normal(_fold_in(_fold_in(key, 3), r), x.shape, x.dtype)
+      z = keys.normal(keys.fold_in(keys.fold_in(key, 3), r), x.shape, x.dtype)
       return jnp.sqrt(1.0 - beta) * x_prev + jnp.sqrt(beta) * z
 
     if resample > 1:
@@ -269,7 +248,7 @@ def prior_sample(d: GaussianDiffusion, rng, shape: Sequence[int]):
 
   Uses `fold_in(rng, T)`, a key no step uses (steps fold in t in [0, T)).
   """
-  return _normal(_fold_in(rng, d.num_timesteps), tuple(shape))
+  return keys.normal(keys.fold_in(rng, d.num_timesteps), tuple(shape))
 
 
 def p_sample_loop(d: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],

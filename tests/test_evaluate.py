@@ -36,9 +36,12 @@ def test_evaluate_bpd_equals_calc_bpd_loop_per_batch(pretrained_run):
   x = digits_test_images(20)
   x = np.concatenate([x, np.full((4, 8, 8, 1), -1.0, np.float32)])  # padding
   totals, priors, decoders, sums, per_t = [], [], [], [], []
+  # Example i's noise: fold_in(PRNGKey(seed), i), one key per example.
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(
+      jnp.minimum(jnp.arange(24), 19))
   for i in range(3):
     out = diffusion.calc_bpd_loop(d, model_fn, jnp.asarray(x[8 * i:8 * i + 8]),
-                                  jax.random.fold_in(jax.random.PRNGKey(5), i))
+                                  keys[8 * i:8 * i + 8])
     totals.append(out["total_bpd"])
     priors.append(out["prior_bpd"])
     decoders.append(out["vb"][:, 0])
@@ -57,6 +60,19 @@ def test_evaluate_bpd_equals_calc_bpd_loop_per_batch(pretrained_run):
       result["prior_bpd"] + result["decoder_bpd"] + result["vb_sum_bpd"],
       rtol=1e-6)
   assert 0 < result["total_bpd"] < 100
+
+
+def test_evaluate_bpd_does_not_depend_on_the_batch_size(pretrained_run):
+  """Per-example noise: batches of 4 (5 batches) and 16 (one padded batch) agree."""
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  small, large = (bpd.evaluate_bpd(config, params, batch_size=b, num_examples=12,
+                                   seed=2, progress=False) for b in (4, 16))
+  for key in ("total_bpd", "prior_bpd", "decoder_bpd", "vb_sum_bpd"):
+    np.testing.assert_allclose(small[key], large[key], rtol=1e-5)
+  np.testing.assert_allclose(small["vb_per_t"], large["vb_per_t"], rtol=1e-4, atol=1e-7)
+  other_seed = bpd.evaluate_bpd(config, params, batch_size=4, num_examples=12, seed=3,
+                                progress=False)
+  assert abs(other_seed["vb_sum_bpd"] - small["vb_sum_bpd"]) > 1e-6
 
 
 def run_cli(*args):

@@ -227,7 +227,7 @@ def test_eval_iterator_masks_each_example_exactly_once(num_examples, hosts,
   images, labels = sklearn_digits_uint8()
   n = 297 if num_examples is None else num_examples
   config = digits_config(random_flip=True)  # Eval must ignore flips.
-  real_images, real_labels, num_batches = [], [], set()
+  real_images, real_labels, real_index, num_batches = [], [], [], set()
   for host in range(hosts):
     batches = list(input_pipeline.create_eval_iterator(
         config, batch_size=batch_size, num_examples=num_examples,
@@ -238,12 +238,15 @@ def test_eval_iterator_masks_each_example_exactly_once(num_examples, hosts,
       assert b["mask"].dtype == np.bool_
       real_images.append(to_uint8(b["image"][b["mask"]]))
       real_labels.append(b["label"][b["mask"]])
+      real_index.append(b["index"][b["mask"]])
+      assert np.all(b["index"][~b["mask"]] == -1)
   assert len(num_batches) == 1  # Every host runs the same number of steps.
   # Host order then batch order is the split's order: each example once.
   np.testing.assert_array_equal(np.concatenate(real_images),
                                 images[1500:1500 + n])
   np.testing.assert_array_equal(np.concatenate(real_labels),
                                 labels[1500:1500 + n])
+  np.testing.assert_array_equal(np.concatenate(real_index), np.arange(n))
 
 
 def test_eval_iterator_rejects_bad_num_examples():

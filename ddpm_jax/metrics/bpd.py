@@ -22,11 +22,15 @@ from ddpm_jax import parallel
 
 
 def make_bpd_fn(model: Any, conditional: bool):
-  """jitted `(params, d, batch, rng) -> masked sums` of one global batch."""
+  """jitted `(params, d, batch, root_key) -> masked sums` of one global batch."""
 
-  def bpd_sums(params, d, batch, rng):
+  def bpd_sums(params, d, batch, root):
     y = batch["label"] if conditional else None
     model_fn = lambda x, t: model.apply({"params": params}, x, t, y)
+    # Example i's noise comes from fold_in(root, i): the result does not
+    # depend on the batch size or the device count.
+    rng = jax.vmap(lambda i: jax.random.fold_in(root, i))(
+        jnp.maximum(batch["index"], 0))
     out = diffusion.calc_bpd_loop(d, model_fn, batch["image"], rng)
     mask = batch["mask"].astype(jnp.float32)  # [B]
     masked = lambda v: jnp.sum(v * mask)
@@ -75,7 +79,8 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
     batch_size: global batch size; rounded up to a multiple of the device
       count (padding is masked out).
     num_examples: the first n examples of the split (default: all of it).
-    seed: batch i draws its noise from `fold_in(PRNGKey(seed), i)`.
+    seed: example i of the split draws its noise from
+      `fold_in(PRNGKey(seed), i)`, whatever the batch size or device count.
     progress: show a progress bar over batches.
 
   Returns:
@@ -104,9 +109,9 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
                           (batch_size // jax.process_count()))
   bar = tqdm(it, total=num_batches, unit="batch", desc="bits/dim",
              disable=not progress or jax.process_index() != 0)
-  for i, local in enumerate(bar):
+  for local in bar:
     batch = parallel.global_batch(local, sharding, batch_size)
-    out = bpd_fn(params, d, batch, jax.random.fold_in(root, i))
+    out = bpd_fn(params, d, batch, root)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if progress:
       seen = float(sums["count"])

@@ -1,0 +1,32 @@
+"""PRNG keys of a batch: one key for every example, or one key per example.
+
+A batch of keys is `[B]` typed keys or `[B, 2]` raw uint32 keys. With one key
+per example, an example's random numbers do not depend on the batch it was
+drawn in (its size, its other members, the device count).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def is_batched(rng) -> bool:
+  """Whether `rng` holds one key per example."""
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim == 1
+  return rng.ndim == 2
+
+
+def fold_in(rng, data):
+  """`jax.random.fold_in` of one key, or of each key of a batch."""
+  if is_batched(rng):
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(rng)
+  return jax.random.fold_in(rng, data)
+
+
+def normal(rng, shape, dtype=jnp.float32):
+  """Standard normal `shape`, drawn per example when `rng` is a batch of keys."""
+  if is_batched(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(
+          f"Got {rng.shape[0]} keys for a batch of {shape[0]} examples.")
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(rng)
+  return jax.random.normal(rng, shape, dtype)
