@@ -13,6 +13,8 @@ previous complete step.
 """
 import json
 import os
+import sys
+import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
@@ -73,6 +75,139 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuplify(data))
 
 
+# Keys a resumed run may change: they set logging, checkpointing, the sample
+# grid, data loading or how the same computation is laid out, not what is
+# computed. Any other difference to the saved config.json is refused.
+RESUMABLE_CHANGES = frozenset({
+    "training.num_train_steps", "training.log_every_steps",
+    "training.checkpoint_every_steps", "training.sample_every_steps",
+    "training.num_sample_images", "training.max_to_keep",
+    "training.steps_per_call", "training.shard_params", "model.remat",
+    "model.conv_algorithm", "data.data_dir", "data.worker_count",
+})
+
+
+def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{'section.key': value} of a config as JSON (lists as tuples)."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}.{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(_flat_json(v, name))
+    else:
+      out[name] = v
+  return out
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return _tuplify(json.loads(config.to_json_best_effort()))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """configs/default.py: importable, or in the checkout that holds this package.
+
+  Raises:
+    CheckpointError: neither (an install without the repository's configs/).
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isfile(os.path.join(root, "configs", "default.py")) and (
+      root not in sys.path):
+    sys.path.append(root)  # run from outside the checkout
+  try:
+    from configs import default  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(
+        f"configs/default.py is neither importable nor in {root} (an install "
+        "without the repository's configs/).") from None
+  return default.get_config()
+
+
+def _default_values() -> dict[str, Any]:
+  """configs/default.py flattened, or {} where it cannot be found."""
+  try:
+    return _flat_json(_config_json(default_config()))
+  except CheckpointError:
+    return {}
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run with a config that changes what it computes.
+
+  Compares `config` with `workdir/config.json`. Only the keys in
+  `RESUMABLE_CHANGES` may differ; a key the saved config lacks (a run made
+  before the key existed) counts as configs/default.py's value, and a key the
+  new config lacks is ignored.
+
+  Raises:
+    CheckpointError: naming every differing key with its saved and new value.
+  """
+  saved = _flat_json(_tuplify(json.loads(json.dumps(read_config(workdir).to_dict()))))
+  new = _flat_json(_config_json(config))
+  defaults = None
+  diffs = []
+  for key in sorted(new):
+    if key in RESUMABLE_CHANGES:
+      continue
+    if key in saved:
+      old = saved[key]
+    else:
+      if defaults is None:
+        defaults = _default_values()
+      if key not in defaults:
+        continue
+      old = defaults[key]
+    if old != new[key]:
+      diffs.append(f"  {key}: {old!r} (saved) -> {new[key]!r} (new)")
+  if diffs:
+    raise CheckpointError(
+        f"{workdir} holds a run trained with another config; resuming would mix "
+        f"the two. Differences to {os.path.join(workdir, CONFIG_FILE)}:\n"
+        + "\n".join(diffs) + "\nUse a new --workdir, or the saved values. Only "
+        f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. Nothing "
+        "was changed.")
+
+
+# ----------------------------------------------------------------------------
+# The workdir
+
+
+def check_workdir_path(workdir: str) -> None:
+  """Refuses a `--workdir` that cannot be a directory, without writing anything."""
+  if not str(workdir).strip():
+    raise CheckpointError("--workdir is empty: name the run directory.")
+  if "://" in str(workdir):
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f"--workdir {workdir} exists and is not a directory: "
+                          "name a new or existing run directory.")
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` and `workdir/checkpoints` and writes a file into each.
+
+  Orbax would only fail at the first save (after a 300 s timeout); this
+  fails at once, naming the directory. A URL (gs://...) is not checked.
+
+  Raises:
+    CheckpointError: a directory cannot be created or written.
+  """
+  check_workdir_path(workdir)
+  if "://" in str(workdir):
+    return
+  for directory in (workdir, os.path.join(workdir, CHECKPOINT_DIR)):
+    if os.path.exists(directory) and not os.path.isdir(directory):
+      raise CheckpointError(f"--workdir {workdir}: {directory} exists and is not a "
+                            "directory; checkpoints are written there.")
+    try:
+      os.makedirs(directory, exist_ok=True)
+      fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+      os.close(fd)
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointError(f"--workdir {workdir}: cannot write to {directory}: "
+                            f"{e.strerror or e}.") from None
+
+
 # ----------------------------------------------------------------------------
 # The checkpoint manager
 
@@ -90,7 +225,8 @@ def create_manager(workdir: str, *, max_to_keep: Optional[int] = None,
 
   Args:
     workdir: the run directory.
-    max_to_keep: checkpoints kept on disk (None keeps all).
+    max_to_keep: checkpoints kept on disk, >= 1 (None keeps all; orbax
+      would delete every checkpoint, old ones included, for 0).
     read_only: for inference: never creates or deletes anything.
   """
   directory = checkpoint_dir(workdir)
@@ -101,6 +237,8 @@ def create_manager(workdir: str, *, max_to_keep: Optional[int] = None,
     return ocp.CheckpointManager(
         directory, options=options,
         item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+  if max_to_keep is not None and max_to_keep < 1:
+    raise CheckpointError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}.")
   import grain  # pylint: disable=g-import-not-at-top
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
@@ -154,11 +292,26 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   has_data = (manager.directory / str(step) / DATA_ITEM).exists()
   if data_iterator is not None and has_data:
     import grain  # pylint: disable=g-import-not-at-top
+    _check_process_count(manager.directory / str(step) / DATA_ITEM, step)
     args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   if data_iterator is not None and has_data:
     data_iterator = restored[DATA_ITEM]
   return restored[STATE_ITEM], data_iterator
+
+
+def _check_process_count(data_dir: Any, step: int) -> None:
+  """The input pipeline's state is saved per process: the count must match."""
+  n = jax.process_count()
+  if (data_dir / f"process_{jax.process_index()}-of-{n}.json").exists():
+    return
+  saved = sorted({name.split("-of-")[-1].split(".")[0] for name in
+                  (p.name for p in data_dir.iterdir()) if "-of-" in name})
+  raise CheckpointError(
+      f"Step {step} was saved by {' or '.join(saved) or 'another number of'} "
+      f"process(es), and this run has {n}: the input pipeline's position is "
+      "saved per process. Resume with the same number of processes (e.g. "
+      "launch/local.sh -n N), or train into a new --workdir.")
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

@@ -142,19 +142,12 @@ def _load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
 
 
 def _default_config() -> ml_collections.ConfigDict:
-  """configs/default.py: importable, or in the checkout that holds this package."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if os.path.isfile(os.path.join(root, "configs", "default.py")) and (
-      root not in sys.path):
-    sys.path.append(root)  # run from outside the checkout
+  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:
-    from configs import default  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    return checkpointing.default_config()
+  except checkpointing.CheckpointError as e:
     raise ConversionError(
-        f"configs/default.py is neither importable nor in {root} (an install "
-        "without the repository's configs/); pass base_config / --config "
-        "path/to/configs/X.py") from None
-  return default.get_config()
+        f"{e} Pass base_config / --config path/to/configs/X.py.") from None
 
 
 def _require(key: str, value: Any, allowed: Any, why: str = "") -> None:

@@ -7,6 +7,7 @@ of the EMA parameters, and saves orbax checkpoints. SIGTERM saves the current
 step and returns; a NaN/Inf loss or gradient raises, naming the step, with
 the last good checkpoint left as it was.
 """
+import inspect
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import checkpointing
+from ddpm_jax import files
 from ddpm_jax import image_grid
 from ddpm_jax import parallel
 from ddpm_jax import train_state as ts
@@ -46,6 +48,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value and value % k:
       raise ValueError(f"training.{name}={value} must be a multiple of "
                        f"training.steps_per_call={k}.")
+  # orbax deletes every checkpoint, old ones included, when asked to keep 0.
+  if t.max_to_keep is not None and int(t.max_to_keep) < 1:
+    raise ValueError(f"training.max_to_keep must be >= 1 (None keeps every "
+                     f"checkpoint), got {t.max_to_keep}.")
+
+
+def format_duration(seconds: float) -> str:
+  """'HH:MM:SS', with days in front past 24 h: '2d 03:19:42'."""
+  total = int(round(max(seconds, 0.0)))
+  days, rest = divmod(total, 86400)
+  hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+  return f"{days}d {hms}" if days else hms
 
 
 def _crossed(step: int, prev: int, every: int) -> bool:
@@ -82,18 +96,45 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-class _MetricWriter:
-  """metrics.jsonl + TensorBoard scalars/images; a no-op off process 0."""
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without records past `step` (a crash's leftovers)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      record_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut off by a crash
+    if record_step <= step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if keep != lines:
+    with files.atomic_write(path, "w") as f:
+      f.writelines(keep)
 
-  def __init__(self, workdir: str):
+
+class _MetricWriter:
+  """metrics.jsonl + TensorBoard scalars/images; a no-op off process 0.
+
+  `start_step`: the step the run starts (or resumes) from; records of later
+  steps, written before a crash, are dropped so that none appears twice.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if self.active:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_records_after(path, start_step)
+      self._jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # purge_step: TensorBoard hides the events of steps >= it written before.
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                 purge_step=start_step + 1)
       except ImportError:  # optional: metrics.jsonl still holds everything
         self._tb = None
 
@@ -120,8 +161,13 @@ class _MetricWriter:
 
 
 def _summarise(window: list, batch_size: int, seconds: float, step: int,
-               num_train_steps: int) -> dict:
-  """Averages a logging window of per-step host metrics."""
+               num_train_steps: int, untimed_steps: int = 0) -> dict:
+  """Averages a logging window of per-step host metrics.
+
+  The throughput counts the window's steps less `untimed_steps` (the first
+  call's, which ran before `seconds` started: its time was compilation);
+  without a timed step it is left out.
+  """
   stacked = {k: np.concatenate([np.atleast_1d(m[k]) for m in window]) for k in window[0]}
   n = len(stacked["loss"])
   out = {k: float(np.mean(stacked[k])) for k in ("loss", "grad_norm", "param_norm")}
@@ -132,11 +178,23 @@ def _summarise(window: list, batch_size: int, seconds: float, step: int,
     count = float(np.sum(stacked[f"loss_q{i}_count"]))
     if count > 0:
       out[f"loss_q{i}"] = float(np.sum(stacked[f"loss_q{i}_sum"]) / count)
-  steps_per_sec = n / max(seconds, 1e-9)
-  out["steps_per_sec"] = steps_per_sec
-  out["images_per_sec"] = steps_per_sec * batch_size
-  out["eta_sec"] = (num_train_steps - step) / max(steps_per_sec, 1e-9)
+  timed = n - untimed_steps
+  if timed > 0:
+    steps_per_sec = timed / max(seconds, 1e-9)
+    out["steps_per_sec"] = steps_per_sec
+    out["images_per_sec"] = steps_per_sec * batch_size
+    out["eta_sec"] = (num_train_steps - step) / max(steps_per_sec, 1e-9)
   return out
+
+
+def _console_line(step: int, num_train_steps: int, summary: dict) -> str:
+  line = f"step {step}/{num_train_steps}  loss {summary['loss']:.5f}"
+  if "accuracy" in summary:
+    line += f"  accuracy {summary['accuracy']:.4f}"
+  if "images_per_sec" in summary:
+    line += (f"  {summary['images_per_sec']:.1f} img/s  "
+             f"ETA {format_duration(summary['eta_sec'])}")
+  return line
 
 
 def _check_finite(metrics: dict, first_step: int) -> None:
@@ -158,21 +216,67 @@ def _check_finite(metrics: dict, first_step: int) -> None:
         "optim.warmup_steps.")
 
 
+# The grid's chain runs in about this many compiled chunks, so that SIGTERM
+# is answered between them rather than after the whole grid.
+_GRID_CHUNKS = 20
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, model: Any, diffusion: Any, mesh):
-  """jitted `sample(ema_params, rng) -> [N, H, W, C]` with the ancestral sampler."""
+  """`sample(ema_params, rng, should_stop=None) -> [N, H, W, C]` (ancestral sampler).
+
+  The chain (`sampling.p_sample_loop`'s samples) runs in jitted chunks;
+  `should_stop()` is called before each and, when it returns True, `sample`
+  returns None at once.
+  """
   from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
   n = int(config.training.num_sample_images)
   shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
   num_classes = int(config.model.num_classes)
   # Conditional models: cycle through the classes so each grid column is one class.
   y = jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes > 0 else None
+  replicated = parallel.replicated(mesh)
+  prior = jax.jit(lambda rng: sampling.prior_sample(diffusion, rng, shape),
+                  out_shardings=replicated)
 
-  def sample(params, rng):
+  def chunk_fn(params, x, rng, t_start, t_end):
     def model_fn(x, t):
       return model.apply({"params": params}, x, t, y, train=False)
-    return sampling.p_sample_loop(diffusion, model_fn, shape, rng, clip_denoised=True)
+    return sampling.sample_steps(diffusion, model_fn, x, rng, t_start, t_end,
+                                 sampler="ancestral", clip_denoised=True)
 
-  return jax.jit(sample, out_shardings=parallel.replicated(mesh))
+  chunk = jax.jit(chunk_fn, out_shardings=replicated)
+  steps = int(diffusion.num_timesteps)
+  size = max(1, -(-steps // _GRID_CHUNKS))
+
+  def sample(params, rng, should_stop=None):
+    x = prior(rng)
+    for hi in range(steps, 0, -size):
+      if should_stop is not None and should_stop():
+        return None
+      x = chunk(params, x, rng, hi, max(hi - size, 0))
+      x.block_until_ready()
+    return x
+
+  return sample
+
+
+def _sample_grid(config, sample_fn, params, rng, diffusion, should_stop):
+  """The grid's samples as a host array, or None when `should_stop` cut it short.
+
+  A custom `sample_fn(params, rng)` without a `should_stop` argument runs to
+  the end.
+  """
+  logging.info("sampling a grid of %d images (%d steps)...",
+               int(config.training.num_sample_images), int(diffusion.num_timesteps))
+  try:
+    accepts_stop = "should_stop" in inspect.signature(sample_fn).parameters
+  except (TypeError, ValueError):  # a callable without a signature
+    accepts_stop = False
+  if accepts_stop:
+    samples = sample_fn(params, rng, should_stop=should_stop)
+  else:
+    samples = sample_fn(params, rng)
+  return None if samples is None else np.asarray(jax.device_get(samples))
 
 
 def _next_batch(data_iterator: Iterator, steps_per_call: int) -> dict:
@@ -213,6 +317,7 @@ def train_and_evaluate(
   """
   parallel.configure_jax()
   validate_config(config)
+  checkpointing.check_workdir_path(workdir)
   mesh = parallel.create_mesh()
   batch_size = int(config.training.batch_size)
   parallel.check_batch_size(batch_size, mesh)
@@ -234,9 +339,18 @@ def train_and_evaluate(
   abstract = jax.eval_shape(init_fn, rng)
   shardings = parallel.state_shardings(abstract, mesh, bool(config.training.shard_params))
 
-  # Check the workdir before writing anything into it.
-  os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.create_manager(workdir, max_to_keep=int(config.training.max_to_keep))
+  # Check the workdir before writing anything into it (or compiling).
+  if (os.path.isfile(os.path.join(workdir, checkpointing.CONFIG_FILE))
+      and os.path.isdir(checkpointing.checkpoint_dir(workdir))):
+    steps = checkpointing.existing_steps(workdir)
+    # A step-0 run (convert, save_pretrained) holds no training yet: any
+    # config may fine-tune it.
+    if steps and steps[-1] > 0:
+      checkpointing.check_resume_config(workdir, config)
+  checkpointing.check_writable(workdir)
+  max_to_keep = config.training.max_to_keep
+  manager = checkpointing.create_manager(
+      workdir, max_to_keep=None if max_to_keep is None else int(max_to_keep))
   writer = None
   try:
     latest = manager.latest_step()
@@ -251,7 +365,7 @@ def train_and_evaluate(
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(rng)
     checkpointing.write_config(workdir, config)
-    writer = _MetricWriter(workdir)
+    writer = _MetricWriter(workdir, int(jax.device_get(state.step)))
 
     step_fn = train_step_lib.make_train_step(config, model, diffusion, losses_fn)
     p_train_step = train_step_lib.jit_train_step(step_fn, mesh, shardings, steps_per_call)
@@ -274,7 +388,9 @@ def train_and_evaluate(
       return state
     save_iter = data_iterator if checkpoint_data else None
     pending = None  # (state.step before the call, device metrics) of the last call
-    window, window_start = [], time.time()
+    # The throughput window starts once the first call (compilation) is done.
+    window, window_start, untimed = [], time.time(), steps_per_call
+    first_call = True
 
     def flush():
       """Fetch the last call's metrics (blocks on it) and check them."""
@@ -291,7 +407,16 @@ def train_and_evaluate(
         batch = parallel.global_batch(_next_batch(data_iterator, steps_per_call),
                                       batch_sharding, batch_size,
                                       1 if steps_per_call > 1 else 0)
+        if first_call:
+          logging.info("compiling the train step...")
+          compile_start = time.time()
         state, metrics = p_train_step(state, batch)
+        if first_call:
+          first_call = False
+          jax.block_until_ready(metrics)
+          window_start = time.time()
+          logging.info("compiled and ran the first step in %.1f s.",
+                       window_start - compile_start)
         prev, step = step, step + steps_per_call
         flush()  # the previous call's metrics; this call keeps running
         pending = (prev, metrics)
@@ -299,31 +424,44 @@ def train_and_evaluate(
         if _crossed(step, prev, config.training.log_every_steps) or step == num_train_steps:
           flush()
           now = time.time()
-          summary = _summarise(window, batch_size, now - window_start, step, num_train_steps)
-          window, window_start = [], now
+          summary = _summarise(window, batch_size, now - window_start, step,
+                               num_train_steps, untimed)
+          window, window_start, untimed = [], now, 0
           writer.scalars(step, summary)
           if jax.process_index() == 0:
-            logging.info("step %d/%d  loss %.5f  %.1f img/s  ETA %s", step, num_train_steps,
-                         summary["loss"], summary["images_per_sec"],
-                         time.strftime("%H:%M:%S", time.gmtime(summary["eta_sec"])))
+            logging.info("%s", _console_line(step, num_train_steps, summary))
 
         stop = preemption.any_process()
+        saved = False
         if (stop or step == num_train_steps
             or _crossed(step, prev, config.training.checkpoint_every_steps)):
           flush()  # never save a state whose metrics were not checked
           checkpointing.save(manager, state, save_iter)
+          saved = True
           logging.info("Saved checkpoint at step %d.", step)
 
-        if sample_fn is not None and _crossed(step, prev, config.training.sample_every_steps):
+        # Pre-empted: no grid (it would outlast the grace period).
+        if (not stop and sample_fn is not None
+            and _crossed(step, prev, config.training.sample_every_steps)):
           flush()
-          samples = np.asarray(jax.device_get(sample_fn(state.ema_params, sample_rng)))
-          if jax.process_index() == 0:
+          grid_start = time.time()
+          samples = _sample_grid(config, sample_fn, state.ema_params, sample_rng,
+                                 diffusion, preemption.any_process)
+          if samples is None:
+            logging.warning("SIGTERM during the sample grid of step %d: grid skipped.",
+                            step)
+            stop = True
+          elif jax.process_index() == 0:
             grid = image_grid.save_image_grid(
                 samples, os.path.join(workdir, "samples", f"step_{step}.png"),
                 upscale=max(1, 64 // int(config.data.image_size)))
             writer.image(step, "samples", grid)
+          window_start += time.time() - grid_start  # not training time
 
         if stop:
+          if not saved:
+            flush()
+            checkpointing.save(manager, state, save_iter)
           logging.warning("SIGTERM: saved step %d, stopping.", step)
           break
     return state

@@ -305,3 +305,18 @@ def test_peer_process_calls_and_errors():
   assert not process.is_alive()
   with pytest.raises(ZeroDivisionError):
     peer_process.PeerProcess(fractions.Fraction, 1, 0)
+
+
+@pytest.mark.slow
+def test_gpu_sh_smoke_scale_and_cmdbuf(tmp_path):
+  """The next lease's steps run end to end (tiny model; the XLA flag parses on a CPU)."""
+  proc = run_gpu_sh("--smoke", "--steps", "scale,cmdbuf", str(tmp_path))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  names = ["scale_train_b4", "scale_train_b8", "scale_sample", "cmdbuf_k1", "cmdbuf_k2"]
+  for name in names:
+    assert f"== {name}: exit 0" in proc.stdout, proc.stdout
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      f"{n}.{ext}" for n in names for ext in ("json", "log"))
+  with open(tmp_path / "scale_train_b8.json") as f:
+    result = json.load(f)
+  assert result["setup"]["batch_size"] == 8 and result["setup"]["steps_per_call"] == 2

@@ -100,6 +100,30 @@ def test_other_model_shape_exits_1_untouched(tmp_path):
   assert _tree_files(workdir) == before
 
 
+@pytest.mark.parametrize("case", ["empty", "file", "checkpoints_file", "max_to_keep_0"])
+def test_unusable_workdir_or_max_to_keep_exits_1_in_one_line(tmp_path, case):
+  """Errno messages, a 300 s orbax timeout and deleted checkpoints before."""
+  workdir, extra = str(tmp_path / "run"), []
+  if case == "empty":
+    workdir = ""
+  elif case == "file":
+    (tmp_path / "run").write_text("x")
+  elif case == "checkpoints_file":
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+  else:
+    extra = ["--config.training.max_to_keep=0"]
+  before = _tree_files(tmp_path)
+  r = _cli(["--config", "configs/digits.py:test", "--workdir", workdir, *extra],
+           timeout=120)
+  assert r.returncode == 1, r.stderr[-2000:]
+  error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "Traceback" not in r.stderr
+  want = "training.max_to_keep" if case == "max_to_keep_0" else "--workdir"
+  assert want in error[0] and "Errno" not in error[0]
+  assert _tree_files(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------
 # Data paths through the real input pipeline (a tiny net keeps compiles short).
 

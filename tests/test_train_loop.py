@@ -150,3 +150,210 @@ def test_save_pretrained_round_trip_and_fine_tune(tmp_path):
   assert int(state.step) == 0
   for a, b in zip(_leaves(params), _leaves(state.ema_params)):
     np.testing.assert_array_equal(a, b)
+
+
+def _files(path):
+  return {os.path.join(dp, f): os.path.getmtime(os.path.join(dp, f))
+          for dp, _, fs in os.walk(path) for f in fs}
+
+
+def test_max_to_keep_below_one_is_refused_and_none_keeps_all(tmp_path):
+  """orbax deletes every checkpoint, old ones too, for max_to_keep=0."""
+  workdir = str(tmp_path)
+  _train(_config(2), workdir)
+  for bad in (0, -1):
+    with pytest.raises(ValueError, match=r"training\.max_to_keep must be >= 1"):
+      _train(_config(4, **{"training.max_to_keep": bad}), workdir)
+  assert checkpointing.existing_steps(workdir) == [2]
+  _train(_config(10, **{"training.max_to_keep": None}), workdir)
+  assert checkpointing.existing_steps(workdir) == [2, 4, 6, 8, 10]
+
+
+def test_unusable_workdir_fails_before_compiling(tmp_path, monkeypatch):
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled before checking the workdir")
+  monkeypatch.setattr(trainer.train_step_lib, "jit_train_step", no_compile)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"--workdir .*file exists and is not a directory"):
+    _train(_config(2), tmp_path / "file")
+  with pytest.raises(checkpointing.CheckpointError, match="--workdir is empty"):
+    _train(_config(2), "")
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "checkpoints").write_text("x")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"run/checkpoints exists and is not a directory"):
+    _train(_config(2), tmp_path / "run")
+  assert os.listdir(tmp_path / "run") == ["checkpoints"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only directory")
+def test_read_only_checkpoints_fails_before_compiling(tmp_path, monkeypatch):
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled before checking the workdir")
+  monkeypatch.setattr(trainer.train_step_lib, "jit_train_step", no_compile)
+  (tmp_path / "checkpoints").mkdir()
+  os.chmod(tmp_path / "checkpoints", 0o555)
+  try:
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"cannot write to .*checkpoints: Permission denied"):
+      _train(_config(2), tmp_path)
+  finally:
+    os.chmod(tmp_path / "checkpoints", 0o755)
+
+
+def test_resume_with_another_config_is_refused_untouched(tmp_path):
+  workdir = str(tmp_path)
+  _train(_config(2), workdir)
+  before = _files(workdir)
+  config_json = open(tmp_path / "config.json").read()
+  changed = {"optim.lr": 5e-4, "diffusion.beta_schedule": "cosine",
+             "training.batch_size": 32, "training.seed": 1}
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    _train(_config(4, **changed), workdir)
+  message = str(e.value)
+  for line in ("optim.lr: 0.001 (saved) -> 0.0005 (new)",
+               "diffusion.beta_schedule: 'linear' (saved) -> 'cosine' (new)",
+               "training.batch_size: 16 (saved) -> 32 (new)",
+               "training.seed: 0 (saved) -> 1 (new)", "new --workdir"):
+    assert line in message
+  assert "num_train_steps" not in message.split("Use a new")[0]
+  assert _files(workdir) == before
+  assert open(tmp_path / "config.json").read() == config_json
+  # Logging, checkpointing and the step count may change; config.json follows.
+  state = _train(_config(4, **{"training.log_every_steps": 1,
+                               "training.max_to_keep": 5}), workdir)
+  assert int(state.step) == 4
+  saved = checkpointing.read_config(workdir)
+  assert saved.training.log_every_steps == 1 and saved.training.num_train_steps == 4
+
+
+def test_key_missing_from_an_old_config_counts_as_its_default(tmp_path):
+  workdir = str(tmp_path)
+  _train(_config(2), workdir)
+  saved = json.load(open(tmp_path / "config.json"))
+  del saved["optim"]["beta1"]  # 0.9 in the new config: the default
+  del saved["optim"]["ema_warmup"]  # True in the new config; default False
+  json.dump(saved, open(tmp_path / "config.json", "w"))
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    _train(_config(4), workdir)
+  assert "optim.ema_warmup: False (saved) -> True (new)" in str(e.value)
+  assert "beta1" not in str(e.value)
+  assert int(_train(_config(4, **{"optim.ema_warmup": False}), workdir).step) == 4
+
+
+def test_step_zero_run_fine_tunes_with_another_config(tmp_path):
+  """A converted (save_pretrained) run holds no training yet: any config."""
+  from ddpm_jax import train_state as ts
+  workdir = str(tmp_path)
+  config = _config(2)
+  state = ts.create_train_state(config, jax.random.PRNGKey(0), TinyNet())
+  checkpointing.write_config(workdir, config)
+  manager = checkpointing.create_manager(workdir)
+  checkpointing.save(manager, state)
+  manager.wait_until_finished()
+  manager.close()
+  tuned = _config(2, **{"optim.lr": 2e-5, "training.batch_size": 8})
+  assert int(_train(tuned, workdir).step) == 2
+  assert checkpointing.read_config(workdir).optim.lr == 2e-5
+
+
+def test_resume_after_a_crash_drops_later_metrics_records(tmp_path):
+  import shutil
+  workdir = str(tmp_path)
+  config = _config(4, **{"training.log_every_steps": 1})
+  _train(config, workdir)
+  # A crash after step 4's records but before its checkpoint completed.
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')  # cut off mid-line
+  _train(config, workdir)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_format_duration_counts_days():
+  assert trainer.format_duration(51 * 3600 + 19 * 60 + 42) == "2d 03:19:42"
+  assert trainer.format_duration(86399) == "23:59:59"
+  assert trainer.format_duration(86400) == "1d 00:00:00"
+  assert trainer.format_duration(59.6) == "00:01:00"
+
+
+def test_console_line_shows_accuracy_when_present():
+  summary = {"loss": 0.5, "images_per_sec": 300.0, "eta_sec": 90.0}
+  assert "accuracy" not in trainer._console_line(2, 4, summary)
+  line = trainer._console_line(2, 4, dict(summary, accuracy=0.875))
+  assert "loss 0.50000  accuracy 0.8750  300.0 img/s  ETA 00:01:30" in line
+
+
+def test_compile_is_logged_and_left_out_of_the_throughput(tmp_path, caplog):
+  caplog.set_level("INFO")
+  config = _config(4, **{"training.log_every_steps": 1,
+                         "training.sample_every_steps": 4})
+  _train(config, str(tmp_path))
+  messages = [r.getMessage() for r in caplog.records]
+  compiling = messages.index("compiling the train step...")
+  first_line = next(i for i, m in enumerate(messages) if m.startswith("step 1/4"))
+  grid = messages.index("sampling a grid of 8 images (100 steps)...")
+  assert compiling < first_line < grid
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  # Step 1's window is the compilation: no throughput; the others have one.
+  assert "images_per_sec" not in lines[0] and "ETA" not in messages[first_line]
+  assert all(l["images_per_sec"] > 0 for l in lines[1:])
+  assert os.path.exists(tmp_path / "samples" / "step_4.png")
+
+
+def test_chunked_grid_matches_the_one_loop_sampler():
+  from ddpm_jax import models, parallel, sampling
+  config = _config(2, **{"training.num_sample_images": 4})
+  diffusion = models.create_diffusion(config)
+  model = TinyNet()
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
+                      jnp.zeros((1,), jnp.int32))["params"]
+  rng = jax.random.PRNGKey(3)
+  got = trainer.make_sample_fn(config, model, diffusion, parallel.create_mesh())(params, rng)
+  want = sampling.p_sample_loop(
+      diffusion, lambda x, t: model.apply({"params": params}, x, t), (4, 8, 8, 1), rng)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_sigterm_during_the_sample_grid_stops_it_and_saves(tmp_path, monkeypatch):
+  """The grid checks for SIGTERM between chunks (a grid can outlast the grace period)."""
+  import signal
+  checks = []
+  real = trainer.make_sample_fn
+
+  def make_sample_fn(*args):
+    sample = real(*args)
+
+    def interrupted(params, rng, should_stop=None):
+      def stop():  # SIGTERM arrives while the first chunk runs
+        checks.append(1)
+        if len(checks) == 2:
+          signal.raise_signal(signal.SIGTERM)
+        return should_stop()
+      return sample(params, rng, should_stop=stop)
+    return interrupted
+
+  monkeypatch.setattr(trainer, "make_sample_fn", make_sample_fn)
+  config = _config(6, **{"training.sample_every_steps": 2,
+                         "training.checkpoint_every_steps": 6})
+  state = _train(config, str(tmp_path))
+  assert int(state.step) == 2
+  assert len(checks) == 2  # stopped at the first check after the signal, of 20
+  assert checkpointing.existing_steps(str(tmp_path)) == [2]
+  assert not os.path.exists(tmp_path / "samples" / "step_2.png")
+
+
+def test_resume_with_another_process_count_names_the_fix(tmp_path):
+  """grain saves one state file per process: a count mismatch is a clear error."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  data = pathlib.Path(tmp_path)
+  for i in range(2):
+    (data / f"process_{i}-of-2.json").write_text("{}")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"Step 4 was saved by 2 process\(es\), and this run has 1.*"
+                           r"same number of processes"):
+    checkpointing._check_process_count(data, 4)  # pylint: disable=protected-access
+  (data / "process_0-of-1.json").write_text("{}")
+  checkpointing._check_process_count(data, 4)  # pylint: disable=protected-access
