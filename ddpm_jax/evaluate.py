@@ -123,6 +123,12 @@ def prepare_sample_metrics(config, metrics) -> dict:
   setup = {"samples": None, "options": None}
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   if FLAGS.samples:
+    # (--seed and --params still apply to bits/dim.)
+    ignored = [f"--{name}" for name in ("num_samples", "sampler", "steps", "eta")
+               if FLAGS[name].present]
+    if ignored:
+      raise ValueError(f"{', '.join(ignored)} set how samples are drawn, but "
+                       f"--samples {FLAGS.samples} gives them; pass one or the other.")
     samples = m.read_npz(
         FLAGS.samples, "samples", keys=["samples"],
         hint="Write samples with `python -m ddpm_jax.sample --out FILE.npz`.")["samples"]

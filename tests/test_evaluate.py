@@ -157,6 +157,8 @@ def test_cli_refuses_bad_samples_and_weights_files(pretrained_run, tmp_path):
     r = fid("--samples", npz("x.npz", shape))
     assert r.returncode == 1 and "needs uint8 [N, 8, 8, 1]" in r.stderr, shape
     assert str(list(shape)) in r.stderr
+  r = fid("--samples", npz("x.npz", (20, 8, 8, 1)), "--num_samples", "50", "--steps", "5")
+  assert r.returncode == 1 and "--num_samples, --steps set how samples are drawn" in r.stderr
   r = fid("--samples", npz("x.npz", (20, 8, 8, 1), np.float32))
   assert r.returncode == 1 and "float32" in r.stderr
   r = fid("--samples", garbage("bad.npz"))
