@@ -141,7 +141,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   Raises:
     CheckpointError: naming every differing key with its saved and new value.
   """
-  saved = _flat_json(_tuplify(json.loads(json.dumps(read_config(workdir).to_dict()))))
+  saved = _flat_json(_config_json(read_config(workdir)))
   new = _flat_json(_config_json(config))
   defaults = None
   diffs = []
