@@ -308,11 +308,11 @@ def test_peer_process_calls_and_errors():
 
 
 @pytest.mark.slow
-def test_gpu_sh_smoke_scale_and_cmdbuf(tmp_path):
-  """The next lease's steps run end to end (tiny model; the XLA flag parses on a CPU)."""
-  proc = run_gpu_sh("--smoke", "--steps", "scale,cmdbuf", str(tmp_path))
+def test_gpu_sh_smoke_scale(tmp_path):
+  """The scale step's three benchmarks run end to end (tiny model)."""
+  proc = run_gpu_sh("--smoke", "--steps", "scale", str(tmp_path))
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  names = ["scale_train_b4", "scale_train_b8", "scale_sample", "cmdbuf_k1", "cmdbuf_k2"]
+  names = ["scale_train_b4", "scale_train_b8", "scale_sample"]
   for name in names:
     assert f"== {name}: exit 0" in proc.stdout, proc.stdout
   assert sorted(os.listdir(tmp_path)) == sorted(
