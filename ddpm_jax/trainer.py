@@ -4,13 +4,15 @@ Creates (or resumes) the state over a mesh of every device, feeds the jitted
 train step, fetches metrics one call late so dispatch stays asynchronous,
 logs (console, metrics.jsonl, TensorBoard; process 0 only), samples grids
 of the EMA parameters, and saves orbax checkpoints. SIGTERM saves the current
-step and returns; a NaN/Inf loss or gradient raises, naming the step, with
-the last good checkpoint left as it was.
+step and returns; the first Ctrl-C saves it and raises KeyboardInterrupt; a
+NaN/Inf loss or gradient raises, naming the step, with the last good
+checkpoint left as it was.
 """
 import inspect
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -67,25 +69,43 @@ def _crossed(step: int, prev: int, every: int) -> bool:
   return every > 0 and step // every > prev // every
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+class _StopSignals:
+  """SIGTERM (pre-emption) and a first Ctrl-C become a flag the loop checks.
+
+  The loop then saves the current step and stops: exit 0 after SIGTERM, so a
+  scheduler can restart the run; KeyboardInterrupt after Ctrl-C, as Ctrl-C
+  does anywhere. A second Ctrl-C interrupts at once (the previous handler is
+  back). A SIGINT that the process ignores (a background job) stays ignored.
+  """
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self.interrupted = False  # Ctrl-C, not SIGTERM
+    self._old = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+          self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
     self.requested = True
+    if signum == signal.SIGINT:
+      self.interrupted = True
+      signal.signal(signal.SIGINT, self._old.pop(signal.SIGINT))
+      print("Ctrl-C: saving the current step, then stopping "
+            "(Ctrl-C again stops without saving).", file=sys.stderr, flush=True)
+
+  @property
+  def name(self) -> str:
+    return "Ctrl-C" if self.interrupted else "SIGTERM"
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
   def any_process(self) -> bool:
     """All hosts must agree to save together: OR the flag over processes."""
@@ -313,7 +333,9 @@ def train_and_evaluate(
 
   Raises:
     ValueError (incl. checkpointing.CheckpointError): bad config or workdir;
-    NonFiniteError: NaN/Inf loss or gradient norm.
+    NonFiniteError: NaN/Inf loss or gradient norm;
+    KeyboardInterrupt: Ctrl-C, after saving the current step (a second Ctrl-C
+      does not wait for the save).
   """
   parallel.configure_jax()
   validate_config(config)
@@ -402,7 +424,7 @@ def train_and_evaluate(
         _check_finite(host, first)
         window.append(host)
 
-    with _Preemption() as preemption:
+    with _StopSignals() as stop_signals:
       while step < num_train_steps:
         batch = parallel.global_batch(_next_batch(data_iterator, steps_per_call),
                                       batch_sharding, batch_size,
@@ -431,7 +453,7 @@ def train_and_evaluate(
           if jax.process_index() == 0:
             logging.info("%s", _console_line(step, num_train_steps, summary))
 
-        stop = preemption.any_process()
+        stop = stop_signals.any_process()
         saved = False
         if (stop or step == num_train_steps
             or _crossed(step, prev, config.training.checkpoint_every_steps)):
@@ -446,10 +468,10 @@ def train_and_evaluate(
           flush()
           grid_start = time.time()
           samples = _sample_grid(config, sample_fn, state.ema_params, sample_rng,
-                                 diffusion, preemption.any_process)
+                                 diffusion, stop_signals.any_process)
           if samples is None:
-            logging.warning("SIGTERM during the sample grid of step %d: grid skipped.",
-                            step)
+            logging.warning("%s during the sample grid of step %d: grid skipped.",
+                            stop_signals.name, step)
             stop = True
           elif jax.process_index() == 0:
             grid = image_grid.save_image_grid(
@@ -462,7 +484,9 @@ def train_and_evaluate(
           if not saved:
             flush()
             checkpointing.save(manager, state, save_iter)
-          logging.warning("SIGTERM: saved step %d, stopping.", step)
+          logging.warning("%s: saved step %d, stopping.", stop_signals.name, step)
+          if stop_signals.interrupted:
+            raise KeyboardInterrupt
           break
     return state
   finally:

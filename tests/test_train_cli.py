@@ -171,7 +171,9 @@ def test_relative_workdir_trains_and_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_digits_cli_trains_samples_and_stops_on_sigterm(tmp_path):
+@pytest.mark.parametrize("sig, want_rc", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_digits_cli_trains_samples_and_stops_on_signal(tmp_path, sig, want_rc):
+  """SIGTERM (pre-emption) and Ctrl-C both save the current step; Ctrl-C exits 130."""
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
       [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/digits.py:test",
@@ -184,11 +186,12 @@ def test_digits_cli_trains_samples_and_stops_on_sigterm(tmp_path):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     assert time.time() < deadline, "no progress"
     time.sleep(1)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == want_rc, out[-3000:]
   steps = checkpointing.existing_steps(str(workdir))
-  assert len(steps) == 1 and steps[0] >= 4 and steps[0] < 1000  # saved at SIGTERM
+  assert len(steps) == 1 and steps[0] >= 4 and steps[0] < 1000  # saved at the signal
+  assert f"saved step {steps[0]}, stopping" in out, out[-3000:]
   # Resume to a few steps more, with a sample grid at the end.
   end = steps[0] + 2
   r = _cli(["--config", "configs/digits.py:test", "--workdir", str(workdir),

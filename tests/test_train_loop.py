@@ -345,6 +345,42 @@ def test_sigterm_during_the_sample_grid_stops_it_and_saves(tmp_path, monkeypatch
   assert not os.path.exists(tmp_path / "samples" / "step_2.png")
 
 
+def _interrupting(batches, at, times=1):
+  """`batches`, with Ctrl-C pressed `times` times as batch `at` is drawn."""
+  import signal  # pylint: disable=g-import-not-at-top
+  for i, batch in enumerate(batches):
+    if i == at:
+      for _ in range(times):
+        signal.raise_signal(signal.SIGINT)
+    yield batch
+
+
+def test_ctrl_c_saves_the_current_step_then_interrupts(tmp_path):
+  """The first Ctrl-C saves where training is, then raises KeyboardInterrupt."""
+  import signal  # pylint: disable=g-import-not-at-top
+  handler = signal.getsignal(signal.SIGINT)
+  config = _config(20, **{"training.checkpoint_every_steps": 10})
+  with pytest.raises(KeyboardInterrupt):
+    _train(config, str(tmp_path), data_iterator=_interrupting(_batches(nan_at=-1), at=4))
+  # Batch 4 is drawn for step 5; the loop notices after that step.
+  assert checkpointing.existing_steps(str(tmp_path)) == [5]
+  assert signal.getsignal(signal.SIGINT) is handler
+  # The saved state is step 5 of an uninterrupted run.
+  _, params, step = checkpointing.load_params(str(tmp_path), which="params")
+  straight = _train(_config(5), str(tmp_path / "straight"), data_iterator=_batches(nan_at=-1))
+  assert step == 5
+  for a, b in zip(_leaves(params), _leaves(straight.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_second_ctrl_c_stops_without_saving(tmp_path):
+  config = _config(20, **{"training.checkpoint_every_steps": 2})
+  with pytest.raises(KeyboardInterrupt):
+    _train(config, str(tmp_path),
+           data_iterator=_interrupting(_batches(nan_at=-1), at=5, times=2))
+  assert checkpointing.existing_steps(str(tmp_path)) == [2, 4]
+
+
 def test_resume_with_another_process_count_names_the_fix(tmp_path):
   """grain saves one state file per process: a count mismatch is a clear error."""
   import pathlib  # pylint: disable=g-import-not-at-top
