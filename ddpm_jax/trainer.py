@@ -458,9 +458,11 @@ def train_and_evaluate(
         if (stop or step == num_train_steps
             or _crossed(step, prev, config.training.checkpoint_every_steps)):
           flush()  # never save a state whose metrics were not checked
+          save_start = time.time()
           checkpointing.save(manager, state, save_iter)
           saved = True
           logging.info("Saved checkpoint at step %d.", step)
+          window_start += time.time() - save_start  # not training time
 
         # Pre-empted: no grid (it would outlast the grace period).
         if (not stop and sample_fn is not None

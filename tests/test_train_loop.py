@@ -345,6 +345,26 @@ def test_sigterm_during_the_sample_grid_stops_it_and_saves(tmp_path, monkeypatch
   assert not os.path.exists(tmp_path / "samples" / "step_2.png")
 
 
+def test_checkpoint_saving_is_not_counted_as_training_time(tmp_path, monkeypatch):
+  """A slow save (3 s here) must not lower the next window's images/s."""
+  import time  # pylint: disable=g-import-not-at-top
+  real_save = checkpointing.save
+
+  def slow_save(*args, **kwargs):
+    time.sleep(3.0)
+    return real_save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpointing, "save", slow_save)
+  config = _config(6, **{"training.checkpoint_every_steps": 2,
+                         "training.log_every_steps": 2})
+  _train(config, str(tmp_path), data_iterator=_batches(nan_at=-1))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [2, 4, 6]
+  # Steps 3-6 follow a save each: with it counted, 2 x 16 images / >= 3 s
+  # would be under 11 images/s; two steps of this tiny net take milliseconds.
+  assert all(l["images_per_sec"] > 40 for l in lines[1:]), lines
+
+
 def _interrupting(batches, at, times=1):
   """`batches`, with Ctrl-C pressed `times` times as batch `at` is drawn."""
   import signal  # pylint: disable=g-import-not-at-top
