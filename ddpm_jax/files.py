@@ -1,5 +1,7 @@
-"""Writing output files so that a failed or killed run never leaves half a file."""
+"""Writing output files so that a failed or killed run never leaves half a file,
+and fingerprinting inputs (`file_sha256`)."""
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
@@ -48,3 +50,12 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
+  """The hex sha256 of a file's content, read in chunks of `chunk_size` bytes."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(chunk_size), b""):
+      digest.update(chunk)
+  return digest.hexdigest()

@@ -3,8 +3,9 @@
 Loads the newest (or `--step`) checkpoint of a training run or of a converted
 official model, and writes `samples` (uint8 [N, H, W, C], the FID protocol:
 clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
-an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_seed{S}.npz`),
-plus a PNG grid of the first samples beside it. The output only replaces an
+an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_seed{S}.npz`,
+with `_eta{E}`, `_raw` or `_cond{hash}` before `_seed` for DDIM's eta, the raw
+parameters or conditioning), plus a PNG grid of the first samples beside it. The output only replaces an
 existing file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
@@ -16,6 +17,8 @@ conditional model; classifier-free guidance), `--classifier_workdir CLS
 [--resample 5]` (white = keep) or `--outpaint SMALL_IMAGE`. Every request is
 checked before the first sampling step.
 """
+import hashlib
+import json
 import os
 import tempfile
 
@@ -24,6 +27,7 @@ from absl import flags
 
 from ddpm_jax import cli
 from ddpm_jax import cpu_memory
+from ddpm_jax import files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
@@ -38,7 +42,8 @@ flags.DEFINE_string("steps", None,
 flags.DEFINE_float("eta", 0.0, "DDIM noise scale (0 = deterministic).")
 flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
 flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
-                    "sample_stepN_{sampler}{K}_seed{S}.npz, K sampling steps).")
+                    "sample_stepN_{sampler}{K}[_eta{E}][_raw][_cond{hash}]_seed{S}.npz, "
+                    "K sampling steps).")
 flags.DEFINE_string("grid", None, "Output .png grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
 # Conditional generation.
@@ -89,6 +94,41 @@ def _check_flag_combinations() -> None:
   if FLAGS.sampler == "ancestral" and _given("eta"):
     raise ValueError("--eta is DDIM's noise scale: pass --sampler ddim with it "
                      "(the ancestral sampler has none).")
+
+
+# Flags that condition what is drawn; image files count by their content.
+_CONDITIONING_FLAGS = ("class_label", "guidance_scale", "classifier_workdir",
+                       "classifier_scale", "inpaint", "mask", "outpaint",
+                       "resample", "upsampler_workdir", "upsampler_steps",
+                       "upsampler_aug_level")
+_IMAGE_FLAGS = ("inpaint", "mask", "outpaint")
+
+
+def _default_out(step: int, num_steps: int) -> str:
+  """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_eta{E}][_raw][_cond{H}]_seed{S}.npz`.
+
+  Named by what the samples depend on, so that different requests keep
+  different files (and never the trainer's own `samples/step_N.png`). `H`:
+  8 hex digits of a hash of the conditioning flags given.
+  """
+  name = f"sample_step{step}_{FLAGS.sampler}{num_steps}"
+  if FLAGS.sampler == "ddim" and FLAGS.eta:
+    name += f"_eta{FLAGS.eta:g}"
+  if FLAGS.params == "raw":
+    name += "_raw"
+  conditioning = {}
+  for flag in _CONDITIONING_FLAGS:
+    if _given(flag):
+      value = FLAGS[flag].value
+      if flag in _IMAGE_FLAGS:
+        value = files.file_sha256(value)
+      elif flag.endswith("_workdir"):
+        value = os.path.realpath(value)
+      conditioning[flag] = value
+  if conditioning:
+    digest = hashlib.sha256(json.dumps(conditioning, sort_keys=True).encode())
+    name += f"_cond{digest.hexdigest()[:8]}"
+  return os.path.join(FLAGS.workdir, "samples", f"{name}_seed{FLAGS.seed}.npz")
 
 
 def _check_output_names(out: str | None, grid: str | None) -> None:
@@ -166,7 +206,6 @@ def run(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import files  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
 
@@ -222,10 +261,7 @@ def run(argv) -> None:
   upsampler = None
   if FLAGS.upsampler_workdir:
     upsampler = _load_upsampler(config, FLAGS.num_samples)
-  # Named by what it holds; never the trainer's own samples/step_N.png.
-  out = FLAGS.out or os.path.join(
-      FLAGS.workdir, "samples",
-      f"sample_step{step}_{FLAGS.sampler}{d.num_timesteps}_seed{FLAGS.seed}.npz")
+  out = FLAGS.out or _default_out(step, d.num_timesteps)
   grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
   if grid != "none" and (
       os.path.realpath(out) == os.path.realpath(grid) or (

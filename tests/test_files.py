@@ -1,7 +1,10 @@
-"""files.atomic_write: whole files or nothing, plain permissions, links kept."""
+"""files.atomic_write: whole files or nothing, plain permissions, links kept;
+files.file_sha256."""
+import hashlib
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from ddpm_jax import files
@@ -52,3 +55,13 @@ def test_a_path_that_is_not_a_regular_file_is_refused(tmp_path):
     with files.atomic_write(str(fifo)) as f:
       f.write(b"x")
   assert sorted(os.listdir(tmp_path)) == ["d", "pipe"]
+
+
+def test_file_sha256_in_chunks(tmp_path):
+  path = str(tmp_path / "w.bin")
+  content = np.random.default_rng(12).bytes(1000)
+  with open(path, "wb") as f:
+    f.write(content)
+  want = hashlib.sha256(content).hexdigest()
+  assert files.file_sha256(path) == want
+  assert files.file_sha256(path, chunk_size=7) == want  # 142 full chunks + 6 bytes

@@ -307,17 +307,6 @@ def test_read_npz_names_what_is_wrong(tmp_path):
     metrics.read_npz(objects, "samples")
 
 
-def test_file_sha256_in_chunks(tmp_path):
-  import hashlib  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path / "w.bin")
-  content = np.random.default_rng(12).bytes(1000)
-  with open(path, "wb") as f:
-    f.write(content)
-  want = hashlib.sha256(content).hexdigest()
-  assert metrics.file_sha256(path) == want
-  assert metrics.file_sha256(path, chunk_size=7) == want  # 142 full chunks + 6 bytes
-
-
 # --------------------------------------------------------------------------
 # FID.
 # --------------------------------------------------------------------------

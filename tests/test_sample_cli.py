@@ -1,5 +1,6 @@
 """`python -m ddpm_jax.sample` and the generation library behind it."""
 import os
+import re
 import subprocess
 import sys
 
@@ -294,6 +295,33 @@ def test_cli_default_output_is_named_by_its_contents(tmp_path):
   grid = np.asarray(Image.open(f"{name}.png"))
   expected = image_grid.make_grid(samples.astype(np.float32) / 127.5 - 1.0)
   np.testing.assert_array_equal(grid[::8, ::8], expected[..., 0])
+
+
+def test_cli_default_names_keep_different_requests_apart(tmp_path):
+  """eta, raw parameters and conditioning (image files by content) name the output."""
+  workdir = tmp_path / "run"
+  config = tiny_config()
+  checkpointing.save_pretrained(str(workdir), config, random_params(config))
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, :4] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  for i in range(2):
+    Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
+  requests = [["--sampler", "ddim", "--eta", "0.5", "--params", "raw"]] + [
+      ["--inpaint", str(tmp_path / f"img{i}.png"), "--mask", str(tmp_path / "mask.png")]
+      for i in range(2)]
+  for request in requests:
+    r = run_cli("--workdir", str(workdir), "--num_samples", "1", "--steps", "5",
+                "--grid", "none", *request)
+    assert r.returncode == 0, r.stderr
+  names = sorted(os.listdir(workdir / "samples"))
+  assert len(names) == 3 and names[2] == "sample_step0_ddim5_eta0.5_raw_seed0.npz", names
+  assert all(re.fullmatch(r"sample_step0_ancestral5_cond[0-9a-f]{8}_seed0\.npz", n)
+             for n in names[:2]), names
+  # One file per image: their known halves are the two images.
+  known = sorted(int(np.load(workdir / "samples" / n)["samples"][0, :, :4].mean())
+                 for n in names[:2])
+  assert known == [0, 60]
 
 
 def test_cli_request_errors_come_before_sampling_and_create_nothing(

@@ -11,6 +11,7 @@ Typical use (what `python -m ddpm_jax.evaluate --metric fid,is,kid` does):
   is_mean, is_std = inception_score(feats['logits'])
   kid_mean, kid_std = kernel_inception_distance(feats['pool3'], ref['features'])
 """
+from ddpm_jax.files import file_sha256
 from ddpm_jax.metrics.features import bilinear_resize_matrix
 from ddpm_jax.metrics.features import inception_features
 from ddpm_jax.metrics.features import preprocess
@@ -20,7 +21,6 @@ from ddpm_jax.metrics.inception import WEIGHTS_URL
 from ddpm_jax.metrics.inception import load_inception
 from ddpm_jax.metrics.inception import resolve_weights_path
 from ddpm_jax.metrics.inception import params_from_state_dict
-from ddpm_jax.metrics.stats_cache import file_sha256
 from ddpm_jax.metrics.stats_cache import load_stats
 from ddpm_jax.metrics.stats_cache import read_npz
 from ddpm_jax.metrics.stats_cache import reference_key

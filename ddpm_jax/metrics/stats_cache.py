@@ -6,7 +6,7 @@ needs them), `features` float32 `[N, D]`. The `mu`/`sigma` keys are
 pytorch-fid's, so its `--save-stats` files load with `load_stats` too.
 Files are written to a temporary name and renamed, so a crash never leaves
 a half-written cache behind. `read_npz` (an `.npz` read without pickle, with
-one-line errors) and `file_sha256` are shared by the other metrics modules.
+one-line errors) is shared by the other metrics modules.
 """
 import hashlib
 import json
@@ -20,15 +20,6 @@ import numpy as np
 
 from ddpm_jax import files
 from ddpm_jax.metrics import scores
-
-
-def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
-  """The hex sha256 of a file's content, read in chunks of `chunk_size` bytes."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(chunk_size), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def read_npz(path: str, kind: str, keys: Optional[Sequence[str]] = None,
@@ -89,7 +80,7 @@ def reference_key(*, dataset: str, split: str, image_size: int, channels: int,
 
   Everything that changes the features is in the fingerprint: the images
   (data set, split, size, channels, the first `num_examples`) and the content
-  of the Inception weights file (`file_sha256`), not its name. The name (the
+  of the Inception weights file (`files.file_sha256`), not its name. The name (the
   cache file) carries the same with a 12-digit prefix of the sha256, so the
   statistics of other weights sit beside these rather than replace them.
   """
