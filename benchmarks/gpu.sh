@@ -15,8 +15,9 @@
 #               (its train step compiled in 108 s on an H100).
 #   4. peer:    CIFAR-10, float32 (TF32 on both sides), batch 128, against
 #               diffusers' UNet2DModel on the same GPU.
-#   5. profile: as mfu, one jax.profiler trace of 5 train steps, 5 sampling
-#               steps and a forward pass: per-op summaries in profile.log,
+#   5. profile: as mfu, one jax.profiler trace of 16 train steps (8 per
+#               call, where the step is GPU-bound), 5 sampling steps and a
+#               forward pass: per-op summaries in profile.log,
 #               the traces as OUTDIR/{train,sample,forward}.trace.json.gz
 #               (read them with python -m benchmarks.trace_summary FILE).
 #   6. scale:   training at batch 256 and 512 with 8 steps per call (batch
@@ -29,7 +30,7 @@
 # (CPU is fine): a check of this script, not a measurement.
 set -uo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 smoke=0
 budget=0
 out=gpu_results
@@ -98,7 +99,7 @@ if ((smoke)); then
   sample_args=(--num_samples 8 --batch_size 4 --measured_steps 2 --repeats 1)
   mem_args=(--batch_size 4 --repeats 1 --train_iters 1)
   peer_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
-  profile_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
+  profile_args=(--batch_size 4 --repeats 1 --train_iters 2 --steps_per_call 2 --sample_steps 2)
   scale_batches=(4 8)
   many_steps=2  # steps per call in scale
   scale_args=(--repeats 1 --train_iters 2)
@@ -108,7 +109,7 @@ else
   sample_args=(--num_samples 50000 --batch_size 2500 --measured_steps 20 --repeats 3)
   mem_args=(--batch_size 64 --repeats 2 --train_iters 3)
   peer_args=(--batch_size 128 --repeats 3 --train_iters 10 --sample_steps 10)
-  profile_args=(--batch_size 128 --repeats 1 --train_iters 5 --sample_steps 5)
+  profile_args=(--batch_size 128 --repeats 1 --train_iters 16 --steps_per_call 8 --sample_steps 5)
   scale_batches=(256 512)
   many_steps=8
   scale_args=(--repeats 3 --train_iters 16)

@@ -9,6 +9,10 @@ streams and reports how busy the device was over the traced span (idle
 time = launch gaps and host work); on a CPU trace it sums the XLA op events
 of the runtime's threads. Op names lose their numeric suffix
 (`loop_add_fusion.12` -> `loop_add_fusion`), so the rows are kinds of op.
+A GPU kernel counts under its HLO op, except inside an XLA command buffer (a
+CUDA graph of many ops, whose op name says nothing): there it counts under
+its own kernel name, with cuDNN convolutions as `cudnn conv fprop/dgrad/wgrad`
+and cuBLAS matmuls as `cublas gemm`.
 """
 import argparse
 import collections
@@ -39,6 +43,21 @@ def find_trace(path: str) -> str:
 
 def _kind(name: str) -> str:
   return re.sub(r"(\.\d+)+$", "", name)
+
+
+def _gpu_kind(event: dict) -> str:
+  """The kind of a GPU kernel event (see the module docstring)."""
+  op = (event.get("args") or {}).get("hlo_op") or event["name"]
+  if not op.startswith("command_buffer"):
+    return _kind(op)
+  name = event["name"]
+  if "cudnn" in name:
+    for role in ("fprop", "dgrad", "wgrad"):
+      if role in name:
+        return f"cudnn conv {role}"
+  if name.startswith(("nvjet", "cutlass")) or "sgemm" in name or "hgemm" in name:
+    return "cublas gemm"
+  return re.sub(r"(_\d+)+$", "", name)  # `loop_add_fusion_154`
 
 
 def _busy_us(intervals) -> float:
@@ -77,12 +96,13 @@ def summarize(path: str, steps: int = 1) -> dict[str, Any]:
       if e["pid"] not in devices:
         continue
       # GPU kernels carry their HLO op in args; TPU events are the op.
-      name = (e.get("args") or {}).get("hlo_op") or e["name"]
+      kind = _gpu_kind(e)
     else:
       name = e["name"]
       if not _HLO_NAME.match(name) or name.startswith(_NOT_OPS):
         continue
-    ops.append((_kind(name), float(e["ts"]), float(e["dur"])))
+      kind = _kind(name)
+    ops.append((kind, float(e["ts"]), float(e["dur"])))
   if not ops:
     raise ValueError(f"{trace}: no op events found (was anything run while tracing?).")
   by_kind = collections.defaultdict(lambda: [0.0, 0])

@@ -44,6 +44,25 @@ def test_gpu_trace_kinds_busy_and_span(tmp_path):
   assert sum(r["percent"] for r in s["ops"]) == pytest.approx(100)
 
 
+def test_kernels_inside_command_buffers_count_by_kernel_name(tmp_path):
+  """A command buffer's op name hides what ran: its kernels are named instead."""
+  meta = {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}
+  kernel = lambda ts, name, op: {"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": 4,
+                                 "name": name, "args": {"hlo_op": op}}
+  conv = "sm90_xmma_{}_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_kernel__5x_cudnn"
+  write_trace(tmp_path / "g.trace.json.gz", [meta,
+      kernel(0, conv.format("fprop"), "cudnn-conv-bias-activation.3"),
+      kernel(10, conv.format("wgrad"), "command_buffer_12"),
+      kernel(20, "nvjet_sm90_tst_128x96_64x7_2x4_h_bz_TNT", "command_buffer_12"),
+      kernel(30, "input_reduce_fusion_474", "command_buffer_12"),
+      kernel(40, "input_reduce_fusion_7", "command_buffer_1837"),
+      kernel(50, "loop_add_fusion", "command_buffer_1")])
+  s = trace_summary.summarize(str(tmp_path))
+  assert {r["kind"]: r["count"] for r in s["ops"]} == {
+      "cudnn-conv-bias-activation": 1, "cudnn conv wgrad": 1, "cublas gemm": 1,
+      "input_reduce_fusion": 2, "loop_add_fusion": 1}
+
+
 def test_directory_takes_the_trace_inside(tmp_path):
   (tmp_path / "plugins" / "profile" / "run").mkdir(parents=True)
   gpu_trace(tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz")
