@@ -5,8 +5,8 @@ official model, and writes `samples` (uint8 [N, H, W, C], the FID protocol:
 clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
 an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_seed{S}.npz`,
 with `_eta{E}`, `_raw` or `_cond{hash}` before `_seed` for DDIM's eta, the raw
-parameters or conditioning), plus a PNG grid of the first samples beside it. The output only replaces an
-existing file once it is complete. Example:
+parameters or conditioning), plus a PNG grid of the first samples beside it.
+The output only replaces an existing file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
       --sampler ddim --steps 50 --out runs/digits/samples.npz

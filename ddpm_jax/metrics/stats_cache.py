@@ -80,9 +80,9 @@ def reference_key(*, dataset: str, split: str, image_size: int, channels: int,
 
   Everything that changes the features is in the fingerprint: the images
   (data set, split, size, channels, the first `num_examples`) and the content
-  of the Inception weights file (`files.file_sha256`), not its name. The name (the
-  cache file) carries the same with a 12-digit prefix of the sha256, so the
-  statistics of other weights sit beside these rather than replace them.
+  of the Inception weights file (`files.file_sha256`), not its name. The name
+  (the cache file) carries the same with a 12-digit prefix of the sha256, so
+  the statistics of other weights sit beside these rather than replace them.
   """
   fingerprint = json.dumps(
       {"dataset": dataset, "split": split, "image_size": int(image_size),
