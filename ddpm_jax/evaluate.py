@@ -206,10 +206,13 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
   if "fid" in metrics or "kid" in metrics:
     num_reference, source = setup["num_reference"], setup["source"]
     data = config.data
+    # An image folder's files can change under the same name and count.
+    data_fingerprint = (source.fingerprint(num_reference)
+                        if hasattr(source, "fingerprint") else "")
     name, fingerprint = m.reference_key(
         dataset=data.dataset, split="train", image_size=data.image_size,
         channels=data.channels, num_examples=num_reference,
-        weights_sha256=setup["weights_sha256"])
+        weights_sha256=setup["weights_sha256"], data_fingerprint=data_fingerprint)
     ref = m.reference_stats(
         name, lambda: m.inception_features(
             module, inception_params, _training_images(source, num_reference),

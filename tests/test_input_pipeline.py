@@ -433,5 +433,101 @@ def test_folder_errors(tmp_path):
     input_pipeline.create_source(folder_config(tmp_path / "imgs"), "test")
   bad = tmp_path / "imgs" / "dogs" / "broken.png"
   bad.write_bytes(b"\x89PNG but not really")
-  with pytest.raises(ValueError, match=os.path.basename(str(bad))):
+  with pytest.raises(ValueError, match=os.path.basename(str(bad))) as info:
     input_pipeline.create_source(folder_config(tmp_path / "imgs"), "train")
+  assert "Remove or replace it" in str(info.value)
+
+
+def save_random(path, shape, seed=0):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+  Image.fromarray(pixels).save(path)
+  return pixels
+
+
+def test_folder_fingerprint_follows_the_files(tmp_path):
+  """FID's cached reference statistics of a folder are keyed by its files."""
+  for i in range(3):
+    save_random(tmp_path / f"{i}.png", (8, 8, 3), seed=i)
+  make = lambda: input_pipeline.create_source(folder_config(tmp_path), "train")
+  first, first_two = make().fingerprint(3), make().fingerprint(2)
+  assert make().fingerprint(3) == first and first_two != first
+  os.utime(tmp_path / "2.png", ns=(0, 10**18))  # the third file rewritten
+  assert make().fingerprint(3) != first
+  assert make().fingerprint(2) == first_two  # the first two are as they were
+  save_random(tmp_path / "0.png", (12, 12, 3), seed=9)  # another size
+  assert make().fingerprint(2) != first_two
+
+
+def test_folder_skips_hidden_files_and_folders(tmp_path):
+  """macOS '._x.png' AppleDouble files, .DS_Store, .ipynb_checkpoints/, .git/."""
+  cat = save_random(tmp_path / "cats" / "a.png", (16, 16, 3), seed=1)
+  dog = save_random(tmp_path / "dogs" / "b.png", (16, 16, 3), seed=2)
+  (tmp_path / "cats" / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00")
+  (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+  save_random(tmp_path / ".ipynb_checkpoints" / "c.png", (16, 16, 3))
+  save_random(tmp_path / "dogs" / ".git" / "d.png", (16, 16, 3))
+  source = input_pipeline.create_source(folder_config(tmp_path, num_classes=2),
+                                        "train")
+  assert len(source) == 2 and source.class_names == ("cats", "dogs")
+  np.testing.assert_array_equal(source[0]["image"], cat)
+  np.testing.assert_array_equal(source[1]["image"], dog)
+  assert [int(source[i]["label"]) for i in range(2)] == [0, 1]
+
+
+def test_folder_follows_symlinked_sub_folders_without_looping(tmp_path):
+  """`ln -s /big/disk/cats data/cats`: a linked class folder is read."""
+  elsewhere = tmp_path / "elsewhere"
+  cat = save_random(elsewhere / "cats" / "a.png", (16, 16, 3), seed=1)
+  dog = save_random(tmp_path / "data" / "dogs" / "b.png", (16, 16, 3), seed=2)
+  os.symlink(elsewhere / "cats", tmp_path / "data" / "cats")
+  # A link back to an ancestor would make the walk endless.
+  os.symlink(tmp_path / "data", tmp_path / "data" / "dogs" / "loop")
+  source = input_pipeline.create_source(
+      folder_config(tmp_path / "data", num_classes=2), "train")
+  assert len(source) == 2 and source.class_names == ("cats", "dogs")
+  np.testing.assert_array_equal(source[0]["image"], cat)
+  np.testing.assert_array_equal(source[1]["image"], dog)
+  assert [int(source[i]["label"]) for i in range(2)] == [0, 1]
+
+
+def test_folder_16_bit_greyscale_png_keeps_its_range(tmp_path):
+  """PIL opens it as 'I;16'; convert('L') would clip every value >= 255."""
+  values = (np.arange(16 * 16, dtype=np.uint16) * 257).reshape(16, 16)
+  Image.fromarray(values).save(tmp_path / "depth.png")
+  assert Image.open(tmp_path / "depth.png").mode == "I;16"  # 16 bits on disk.
+  expected = (values >> 8).astype(np.uint8)  # = 0, 1, ..., 255.
+  grey = input_pipeline.create_source(folder_config(tmp_path, channels=1),
+                                      "train")[0]["image"]
+  np.testing.assert_array_equal(grey[..., 0], expected)
+  rgb = input_pipeline.create_source(folder_config(tmp_path, channels=3),
+                                     "train")[0]["image"]
+  np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, -1))
+
+
+def test_folder_with_an_empty_path_is_refused(tmp_path, monkeypatch):
+  """'folder:$DATA' with DATA unset must not train on the working directory."""
+  save_random(tmp_path / "stray.png", (16, 16, 3))
+  monkeypatch.chdir(tmp_path)
+  for dataset in ("folder:", "folder:  "):
+    config = folder_config(tmp_path)
+    config.data.dataset = dataset
+    with pytest.raises(ValueError, match="names no folder"):
+      input_pipeline.create_source(config, "train")
+
+
+def test_folder_class_count_mismatch_names_empty_sub_folders(tmp_path):
+  save_random(tmp_path / "a" / "1.png", (16, 16, 3))
+  save_random(tmp_path / "c" / "1.png", (16, 16, 3))
+  (tmp_path / "b").mkdir()
+  with pytest.raises(ValueError) as info:
+    input_pipeline.create_source(folder_config(tmp_path, num_classes=3),
+                                 "train")
+  message = str(info.value)
+  assert "['a', 'c']" in message
+  assert "without images: ['b']" in message
+  assert "config.data.num_classes=2" in message
+  # With the right count the empty folder is no class: labels 0 and 1.
+  source = input_pipeline.create_source(folder_config(tmp_path, num_classes=2),
+                                        "train")
+  assert [int(source[i]["label"]) for i in range(2)] == [0, 1]

@@ -540,9 +540,12 @@ def test_weights_with_the_same_name_do_not_share_statistics(tmp_path):
               num_examples=10, weights_sha256="0" * 64)
   keys = {metrics.reference_key(**base)}
   for change in [dict(dataset="cifar10"), dict(split="test"), dict(image_size=16),
-                 dict(channels=3), dict(num_examples=11), dict(weights_sha256="1" * 64)]:
+                 dict(channels=3), dict(num_examples=11), dict(weights_sha256="1" * 64),
+                 dict(data_fingerprint="ab12")]:
     keys.add(metrics.reference_key(**{**base, **change}))
-  assert len({name for name, _ in keys}) == 7 and len({fp for _, fp in keys}) == 7
+  # Changed files (an image folder's) keep the cache file's name and replace
+  # its statistics: the fingerprint differs.
+  assert len({name for name, _ in keys}) == 7 and len({fp for _, fp in keys}) == 8
 
 
 def test_unreadable_cache_entry_is_recomputed(tmp_path):

@@ -1,12 +1,16 @@
 """A user's own images from a folder: `config.data.dataset = 'folder:/path'`.
 
-Every file under the folder (recursively) whose extension is .png, .jpg,
-.jpeg, .webp or .bmp (any case) is one example, in sorted path order. Images
-are EXIF-rotated, converted to RGB or greyscale ('L') per
-config.data.channels, resized (shorter side to image_size, bicubic,
-antialiased) and centre-cropped. With config.data.num_classes > 0 the label
-is the index of the image's first-level sub-folder in sorted order.
+Every file under the folder (recursively, symlinked sub-folders included)
+whose extension is .png, .jpg, .jpeg, .webp or .bmp (any case) is one
+example, in sorted path order. Hidden files and folders (names starting with
+'.': macOS '._x.png' AppleDouble files, .ipynb_checkpoints/, .git/) are
+skipped. Images are EXIF-rotated, converted to RGB or greyscale ('L') per
+config.data.channels (16-bit greyscale PNGs keep their high byte, as PIL does
+for 16-bit colour), resized (shorter side to image_size, bicubic, antialiased)
+and centre-cropped. With config.data.num_classes > 0 the label is the index
+of the image's first-level sub-folder in sorted order.
 """
+import hashlib
 import os
 
 import numpy as np
@@ -19,22 +23,41 @@ PREFIX = "folder:"
 
 
 def list_images(root: str) -> list[str]:
-  """Sorted relative paths of the image files under `root` (recursive)."""
+  """Sorted relative paths of the image files under `root` (recursive).
+
+  Skips hidden files and folders (names starting with '.'); follows
+  symlinked folders, except a link back to a folder being walked (a loop).
+  """
   if not os.path.isdir(root):
     raise ValueError(
-        f"Image folder {root!r} does not exist or is not a directory "
-        f"(config.data.dataset={PREFIX + root!r}).")
+        f"Image folder {root!r} does not exist or is not a directory.")
   paths = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()  # os.walk order is filesystem-dependent.
+  # Real paths of the folders from `root` down to the one being walked.
+  ancestors = {root: frozenset([os.path.realpath(root)])}
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    above = ancestors.pop(dirpath)
+    kept = []
+    for name in sorted(dirnames):  # os.walk order is filesystem-dependent.
+      child = os.path.join(dirpath, name)
+      real = os.path.realpath(child)
+      if not name.startswith(".") and real not in above:
+        kept.append(name)
+        ancestors[child] = above | {real}
+    dirnames[:] = kept
     for filename in filenames:
-      if filename.lower().endswith(EXTENSIONS):
+      if (filename.lower().endswith(EXTENSIONS)
+          and not filename.startswith(".")):
         paths.append(os.path.relpath(os.path.join(dirpath, filename), root))
   if not paths:
     raise ValueError(
         f"Image folder {root!r} holds no image files (looked recursively for "
-        f"{', '.join(EXTENSIONS)}).")
+        f"{', '.join(EXTENSIONS)}, skipping hidden files and folders).")
   return sorted(paths)
+
+
+def _unreadable(path: str, error: Exception) -> str:
+  return (f"Cannot read image file {path!r}: {error}. Remove or replace it "
+          "(every file with an image extension under the folder is read).")
 
 
 def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
@@ -48,9 +71,15 @@ def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
       # Phone photos store their rotation in EXIF; apply it so that the
       # picture is upright as a viewer shows it.
       image = ImageOps.exif_transpose(image)
+      if image.mode.startswith("I"):
+        # 16-bit greyscale PNG ('I;16', or 'I' from older Pillow):
+        # convert('L') clips at 255, turning the picture white. Keep the
+        # high byte, as PIL does itself for 16-bit RGB and grey+alpha PNGs.
+        high = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(high, 0, 255).astype(np.uint8), "L")
       image = image.convert("L" if channels == 1 else "RGB")
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"Cannot read image file {path!r}: {e}") from e
+    raise ValueError(_unreadable(path, e)) from e
   array = np.asarray(image_ops.resize_and_center_crop(image, image_size))
   return array[..., None] if channels == 1 else array
 
@@ -82,7 +111,19 @@ class FolderImageSource:
       raise ValueError(
           f"config.data.channels must be 1 (greyscale) or 3 (RGB) for an "
           f"image folder; got {channels}.")
+    if not root.strip():
+      # 'folder:$DATA' with DATA unset would otherwise read the working
+      # directory, recursively.
+      raise ValueError(
+          f"config.data.dataset={PREFIX + root!r} names no folder; use "
+          f"'{PREFIX}/path/to/images'.")
+    given = root
     root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+      raise ValueError(
+          f"Image folder {given!r} (config.data.dataset={PREFIX + given!r}"
+          + (f", resolved to {root!r}" if root != given else "")
+          + ") does not exist or is not a directory.")
     paths = list_images(root)
     for path in paths:
       full = os.path.join(root, path)
@@ -90,19 +131,29 @@ class FolderImageSource:
         with Image.open(full) as image:
           image.size  # pylint: disable=pointless-statement
       except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"Cannot read image file {full!r}: {e}") from e
+        raise ValueError(_unreadable(full, e)) from e
     labels = np.zeros(len(paths), np.int32)
     if num_classes:
       classes = sorted({p.split(os.sep)[0] for p in paths if os.sep in p})
       loose = [p for p in paths if os.sep not in p]
       if loose or len(classes) != num_classes:
+        empty = sorted(
+            name for name in os.listdir(root) if not name.startswith(".")
+            and name not in classes and os.path.isdir(os.path.join(root, name)))
         raise ValueError(
             f"config.data.num_classes={num_classes} asks for class labels, "
             f"which an image folder gives as one sub-folder per class; "
             f"{root!r} has {len(classes)} sub-folder(s) with images "
-            f"{classes[:20]}" + (f" and {len(loose)} image(s) outside any "
-                                 "sub-folder" if loose else "")
-            + ". Set config.data.num_classes=0 to train without labels.")
+            f"{classes[:20]}"
+            + (f" and {len(loose)} image(s) outside any sub-folder" if loose
+               else "")
+            + (f" (sub-folders without images: {empty[:20]})" if empty
+               else "")
+            + ". Set config.data.num_classes=0 to train without labels"
+            + ("" if loose or not classes else
+               f", or config.data.num_classes={len(classes)} to use these "
+               "sub-folders as the classes")
+            + ".")
       index = {name: i for i, name in enumerate(classes)}
       labels = np.array([index[p.split(os.sep)[0]] for p in paths], np.int32)
       self.class_names = tuple(classes)
@@ -115,6 +166,15 @@ class FolderImageSource:
 
   def __len__(self) -> int:
     return len(self._paths)
+
+  def fingerprint(self, num_examples: int) -> str:
+    """sha256 of the first `num_examples` files' paths, sizes and modification
+    times: it changes when those images do (cached reference statistics)."""
+    digest = hashlib.sha256()
+    for path in self._paths[:num_examples]:
+      st = os.stat(os.path.join(self._root, path))
+      digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     image = read_image(os.path.join(self._root, self._paths[index]),

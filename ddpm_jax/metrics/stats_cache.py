@@ -75,19 +75,24 @@ def cache_path(name: str, cache_dir: str) -> str:
 
 
 def reference_key(*, dataset: str, split: str, image_size: int, channels: int,
-                  num_examples: int, weights_sha256: str) -> tuple[str, str]:
+                  num_examples: int, weights_sha256: str,
+                  data_fingerprint: str = "") -> tuple[str, str]:
   """(name, fingerprint) of a data set's Inception statistics, for `reference_stats`.
 
   Everything that changes the features is in the fingerprint: the images
-  (data set, split, size, channels, the first `num_examples`) and the content
-  of the Inception weights file (`files.file_sha256`), not its name. The name
-  (the cache file) carries the same with a 12-digit prefix of the sha256, so
-  the statistics of other weights sit beside these rather than replace them.
+  (data set, split, size, channels, the first `num_examples`, and for data
+  whose files can change, such as an image folder, `data_fingerprint`) and
+  the content of the Inception weights file (`files.file_sha256`), not its
+  name. The name (the cache file) carries the weights with a 12-digit prefix
+  of their sha256, so the statistics of other weights sit beside these rather
+  than replace them.
   """
-  fingerprint = json.dumps(
-      {"dataset": dataset, "split": split, "image_size": int(image_size),
-       "channels": int(channels), "num_examples": int(num_examples),
-       "inception_sha256": weights_sha256}, sort_keys=True)
+  key = {"dataset": dataset, "split": split, "image_size": int(image_size),
+         "channels": int(channels), "num_examples": int(num_examples),
+         "inception_sha256": weights_sha256}
+  if data_fingerprint:
+    key["data"] = data_fingerprint
+  fingerprint = json.dumps(key, sort_keys=True)
   name = (f"{dataset}-{split}{int(num_examples)}-{int(image_size)}x{int(channels)}"
           f"-inception{weights_sha256[:12]}")
   return name, fingerprint
