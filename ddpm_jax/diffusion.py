@@ -171,13 +171,22 @@ jax.tree_util.register_dataclass(
 
 def _check_t(d: GaussianDiffusion, t, x) -> None:
   """Validates the timesteps against the data; values only when concrete."""
-  t_shape, x_shape = jnp.shape(t), jnp.shape(x)
-  if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
-    raise ValueError(f"t must be an integer array, got dtype {jnp.result_type(t)}.")
+  x_shape = jnp.shape(x)
+  if not hasattr(t, "dtype"):
+    # A Python int or list: one timestep per example is asked for explicitly.
+    raise ValueError(
+        f"t must be an integer array of shape [B] = {x_shape[:1]} (one "
+        f"timestep per example of x with shape {x_shape}), got {type(t).__name__} "
+        f"{t!r}; for one t for every example pass "
+        "jnp.full((B,), t, jnp.int32).")
+  t_shape = jnp.shape(t)
+  if not jnp.issubdtype(t.dtype, jnp.integer):
+    raise ValueError(f"t must be an integer array, got dtype {t.dtype}.")
   if len(x_shape) < 1 or t_shape != x_shape[:1]:
     raise ValueError(
         f"t must have shape [B] = {x_shape[:1]} (one timestep per example of "
-        f"x with shape {x_shape}), got {t_shape}.")
+        f"x with shape {x_shape}), got {t_shape}; for one t for every example "
+        "pass jnp.full((B,), t, jnp.int32).")
   try:
     values = np.asarray(t)
   except (jax.errors.TracerArrayConversionError,
@@ -188,6 +197,15 @@ def _check_t(d: GaussianDiffusion, t, x) -> None:
     raise ValueError(
         f"t out of range: got {bad.tolist()[:8]}; allowed 0..{d.num_timesteps - 1}"
         " (time is 0-based).")
+
+
+def _check_like(name: str, a, ref_name: str, ref) -> None:
+  """Refuses `a` unless it has `ref`'s shape (broadcasting would be silent)."""
+  if jnp.shape(a) != jnp.shape(ref):
+    raise ValueError(
+        f"{name} must have the shape of {ref_name}, {jnp.shape(ref)}, got "
+        f"{jnp.shape(a)} (one value per element of every example: it is not "
+        "broadcast).")
 
 
 def extract(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
@@ -205,6 +223,12 @@ def _split_output(d: GaussianDiffusion, model_output, x):
   """Splits a learned-variance output `[..., 2C]` into (mean part, var part)."""
   c = x.shape[-1]
   if d.model_var_type in LEARNED_VAR_TYPES:
+    if x.ndim < 2:
+      # The last axis of [B] data is the batch: there are no channels to double.
+      raise ValueError(
+          f"model_var_type {d.model_var_type!r} splits the model output's last "
+          f"(channel) axis in two, but x with shape {x.shape} has none; give "
+          "the data a channel axis ([B, 1]) or use 'fixedlarge'/'fixedsmall'.")
     if model_output.shape != x.shape[:-1] + (2 * c,):
       raise ValueError(
           f"model_var_type {d.model_var_type!r} needs a model output with 2C = "
@@ -228,7 +252,11 @@ def call_model(d: GaussianDiffusion, model_fn: ModelFn, x, t) -> jax.Array:
 
 
 def q_mean_variance(d: GaussianDiffusion, x_start, t):
-  """q(x_t | x_0): returns (mean `[B, ...]`, variance, log_variance `[B, 1, ...]`)."""
+  """q(x_t | x_0): returns (mean `[B, ...]`, variance, log_variance `[B, 1, ...]`).
+
+  `x_start`: `[B, ...]` float (any rank >= 1); `t`: int `[B]` in [0, T). The
+  variances are float32, the mean float32 (or wider if `x_start` is).
+  """
   _check_t(d, t, x_start)
   n = x_start.ndim
   mean = extract(d.sqrt_alphas_cumprod, t, n) * x_start
@@ -240,8 +268,13 @@ def q_mean_variance(d: GaussianDiffusion, x_start, t):
 
 
 def q_sample(d: GaussianDiffusion, x_start, t, noise):
-  """Draws x_t ~ q(x_t | x_0) given standard normal `noise` shaped like `x_start`."""
+  """Draws x_t ~ q(x_t | x_0) given standard normal `noise` shaped like `x_start`.
+
+  `x_start`, `noise`: `[B, ...]` float (the same shape; not broadcast); `t`:
+  int `[B]` in [0, T). Returns x_t `[B, ...]` float32 for float32/16 inputs.
+  """
   _check_t(d, t, x_start)
+  _check_like("noise", noise, "x_start", x_start)
   n = x_start.ndim
   return (extract(d.sqrt_alphas_cumprod, t, n) * x_start +
           extract(d.sqrt_one_minus_alphas_cumprod, t, n) * noise)
@@ -251,9 +284,11 @@ def q_posterior_mean_variance(d: GaussianDiffusion, x_start, x_t, t):
   """q(x_{t-1} | x_t, x_0): returns (mean `[B, ...]`, variance, log_variance `[B, 1, ...]`).
 
   The log-variance is clipped at t = 0 (where the variance is 0) to the t = 1
-  value, as in the original code.
+  value, as in the original code. `x_start`, `x_t`: `[B, ...]` float, the same
+  shape; `t`: int `[B]` in [0, T).
   """
   _check_t(d, t, x_t)
+  _check_like("x_start", x_start, "x_t", x_t)
   n = x_t.ndim
   mean = (extract(d.posterior_mean_coef1, t, n) * x_start +
           extract(d.posterior_mean_coef2, t, n) * x_t)
@@ -268,6 +303,7 @@ def predict_xstart_from_eps(d: GaussianDiffusion, x_t, t, eps):
   `x_t`, `eps`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns `[B, ...]`.
   """
   _check_t(d, t, x_t)
+  _check_like("eps", eps, "x_t", x_t)
   n = x_t.ndim
   return (extract(d.sqrt_recip_alphas_cumprod, t, n) * x_t -
           extract(d.sqrt_recipm1_alphas_cumprod, t, n) * eps)
@@ -280,6 +316,7 @@ def predict_eps_from_xstart(d: GaussianDiffusion, x_t, t, x_start):
   `[B, ...]`. (This form stays finite where abar_t = 0.)
   """
   _check_t(d, t, x_t)
+  _check_like("x_start", x_start, "x_t", x_t)
   n = x_t.ndim
   return ((x_t - extract(d.sqrt_alphas_cumprod, t, n) * x_start) /
           extract(d.sqrt_one_minus_alphas_cumprod, t, n))
@@ -292,6 +329,7 @@ def get_v(d: GaussianDiffusion, x_start, noise, t):
   like the `predict_*` functions); `t`: int `[B]` in [0, T). Returns `[B, ...]`.
   """
   _check_t(d, t, x_start)
+  _check_like("noise", noise, "x_start", x_start)
   n = x_start.ndim
   return (extract(d.sqrt_alphas_cumprod, t, n) * noise -
           extract(d.sqrt_one_minus_alphas_cumprod, t, n) * x_start)
@@ -303,6 +341,7 @@ def predict_xstart_from_v(d: GaussianDiffusion, x_t, t, v):
   `x_t`, `v`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns `[B, ...]`.
   """
   _check_t(d, t, x_t)
+  _check_like("v", v, "x_t", x_t)
   n = x_t.ndim
   return (extract(d.sqrt_alphas_cumprod, t, n) * x_t -
           extract(d.sqrt_one_minus_alphas_cumprod, t, n) * v)
@@ -314,6 +353,7 @@ def predict_eps_from_v(d: GaussianDiffusion, x_t, t, v):
   `x_t`, `v`: `[B, ...]` float32; `t`: int `[B]` in [0, T). Returns `[B, ...]`.
   """
   _check_t(d, t, x_t)
+  _check_like("v", v, "x_t", x_t)
   n = x_t.ndim
   return (extract(d.sqrt_one_minus_alphas_cumprod, t, n) * x_t +
           extract(d.sqrt_alphas_cumprod, t, n) * v)
@@ -401,8 +441,12 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     code used a tanh approximation of it), and a bin above the mean is
     measured with the upper tail, 1 - ndtr(z) = ndtr(-z), so that it keeps
     the same precision as its mirror image below the mean (CDF(upper) -
-    CDF(lower) of two values near 1 cancels).
+    CDF(lower) of two values near 1 cancels). Computed in at least float32
+    whatever the inputs' dtypes (in bfloat16, 0.999 rounds to 1, which would
+    move the edge bins of bfloat16 data into the interior formula).
   """
+  dtype = jnp.result_type(x, means, log_scales, jnp.float32)
+  x, means, log_scales = (jnp.asarray(a, dtype) for a in (x, means, log_scales))
   centered = x - means
   inv_std = jnp.exp(-log_scales)
   upper = inv_std * (centered + 1.0 / 255.0)
@@ -522,10 +566,12 @@ def calc_bpd_loop(d: GaussianDiffusion, model_fn: ModelFn, x_start, rng,
     `[B, T]` and `mse` `[B, T]` (of the implied eps).
   """
   batch = x_start.shape[0]
+  # At least float32: bfloat16/float16 noise would be coarsely quantised.
+  noise_dtype = jnp.promote_types(x_start.dtype, jnp.float32)
 
   def term(_, t_scalar):
     t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
-    noise = keys.normal(keys.fold_in(rng, t_scalar), x_start.shape, x_start.dtype)
+    noise = keys.normal(keys.fold_in(rng, t_scalar), x_start.shape, noise_dtype)
     x_t = q_sample(d, x_start, t, noise)
     output = call_model(d, model_fn, x_t, t)
     vb, pred_xstart = vb_terms_bpd(d, output, x_start, x_t, t,

@@ -8,10 +8,26 @@ import jax
 import jax.numpy as jnp
 
 
+_KEY_FORMS = ("a PRNG key: jax.random.key(seed) (typed) or "
+              "jax.random.PRNGKey(seed) (raw uint32 [2]), or one per example "
+              "([B] typed or [B, 2] raw keys, e.g. from jax.random.split)")
+
+
 def is_batched(rng) -> bool:
-  """Whether `rng` holds one key per example."""
-  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+  """Whether `rng` holds one key per example; refuses anything but keys."""
+  dtype = getattr(rng, "dtype", None)
+  if dtype is None or not hasattr(rng, "ndim"):
+    raise TypeError(f"rng must be {_KEY_FORMS}; got {type(rng).__name__} "
+                    f"{rng!r}.")
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if rng.ndim > 1:
+      raise ValueError(
+          f"rng must be {_KEY_FORMS}; got typed keys of shape {rng.shape}.")
     return rng.ndim == 1
+  if dtype != jnp.uint32 or rng.ndim not in (1, 2):
+    raise TypeError(
+        f"rng must be {_KEY_FORMS}; got an array of dtype {dtype} and shape "
+        f"{rng.shape}.")
   return rng.ndim == 2
 
 

@@ -48,7 +48,9 @@ def p_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
   if cond_fn is not None:
     # Dhariwal & Nichol 2021, Algorithm 1: mu + s Sigma grad log p(y | x_t).
     mean = mean + out["variance"] * diff.call_model(d, cond_fn, x, t)
-  noise = keys.normal(rng, x.shape, x.dtype)
+  # In the mean's dtype (float32 for a bfloat16/float16 x): the noise is
+  # never quantised to the state's precision.
+  noise = keys.normal(rng, x.shape, mean.dtype)
   nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
                          t, x.ndim)
   sample = mean + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
@@ -85,7 +87,7 @@ def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
            jnp.sqrt(1.0 - abar / abar_prev))
   mean = (out["pred_xstart"] * jnp.sqrt(abar_prev) +
           jnp.sqrt(1.0 - abar_prev - jnp.square(sigma)) * eps)
-  noise = keys.normal(rng, x.shape, x.dtype)
+  noise = keys.normal(rng, x.shape, mean.dtype)  # not quantised to x's dtype
   nonzero = diff.extract((jnp.arange(d.num_timesteps) != 0).astype(x.dtype),
                          t, n)
   return dict(sample=mean + nonzero * sigma * noise,
@@ -124,7 +126,8 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
     x: `[B, ...]`, the state at level t_start; any float dtype (the chain
       runs in float32: a bfloat16 state would lose the small steps).
     rng: key(s) of the chain (see the module docstring).
-    t_start, t_end: ints with 0 <= t_end <= t_start <= T.
+    t_start, t_end: ints with 0 <= t_end <= t_start <= T: Python ints or
+      int arrays of shape (); checked when concrete (traced ones cannot be).
     sampler: 'ancestral' or 'ddim'.
     eta: DDIM's noise scale (0: deterministic); ignored by 'ancestral'.
     clip_denoised: clip the predicted x_0 to [-1, 1].
@@ -145,14 +148,26 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
   if sampler not in SAMPLERS:
     raise ValueError(
         f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-  concrete = lambda v: isinstance(v, (int, np.integer))
+  levels = {}
   for name, value in (("t_start", t_start), ("t_end", t_end)):
-    if concrete(value) and not 0 <= value <= d.num_timesteps:
-      raise ValueError(f"{name}={value} out of range 0..{d.num_timesteps}.")
-  if concrete(t_start) and concrete(t_end) and t_end > t_start:
+    if (jnp.ndim(value) != 0 or
+        not jnp.issubdtype(jnp.result_type(value), jnp.integer)):
+      raise ValueError(
+          f"{name} must be a scalar integer (a Python int or an int array of "
+          f"shape ()), got {value!r}.")
+    try:
+      levels[name] = int(value)
+    except (jax.errors.TracerIntegerConversionError,
+            jax.errors.ConcretizationTypeError):
+      continue  # traced: checked only when concrete
+    if not 0 <= levels[name] <= d.num_timesteps:
+      raise ValueError(
+          f"{name}={levels[name]} out of range 0..{d.num_timesteps} (levels: "
+          f"t_start = T = {d.num_timesteps} is pure noise, 0 the data).")
+  if len(levels) == 2 and levels["t_end"] > levels["t_start"]:
     raise ValueError(
-        f"t_end={t_end} > t_start={t_start}: the chain runs backwards in time, "
-        "from level t_start down to t_end.")
+        f"t_end={levels['t_end']} > t_start={levels['t_start']}: the chain "
+        "runs backwards in time, from level t_start down to t_end.")
   x = jnp.asarray(x, jnp.float32)
   if (known is None) != (known_mask is None):
     raise ValueError("Inpainting needs both `known` and `known_mask`.")
@@ -270,6 +285,11 @@ def ddim_sample_loop(d: GaussianDiffusion, model_fn: ModelFn,
   `noise` (`[*shape]`, any float dtype) replaces the drawn x_T, e.g. a
   `ddim_reverse_sample_loop` encoding. Returns `[*shape]` float32 samples.
   """
+  if noise is not None and jnp.shape(noise) != tuple(shape):
+    raise ValueError(
+        f"noise has shape {jnp.shape(noise)}, but the samples asked for have "
+        f"shape {tuple(shape)}; pass noise of that shape (or shape="
+        f"{jnp.shape(noise)}).")
   x = prior_sample(d, rng, shape) if noise is None else noise
   return sample_steps(d, model_fn, x, rng, d.num_timesteps, 0, sampler="ddim",
                       eta=eta, clip_denoised=clip_denoised)

@@ -497,3 +497,100 @@ def test_conversions_check_their_timesteps():
 def test_hybrid_loss_needs_a_learned_variance_when_created():
   with pytest.raises(ValueError, match="hybrid.*'fixedlarge'.*'mse'"):
     make(loss="hybrid", steps=10)
+
+
+def test_shapes_that_would_broadcast_are_refused():
+  """noise/eps/v/x_start must match x: a [B, 1] or [D] array is not broadcast."""
+  d = make(steps=10)
+  x = jnp.ones((2, 5))
+  t = jnp.array([3, 7])
+  for bad in (jnp.ones((2, 1)), jnp.ones((5,)), jnp.ones((3, 5))):
+    with pytest.raises(ValueError, match=r"noise must have the shape of x_start"):
+      D.q_sample(d, x, t, bad)
+    with pytest.raises(ValueError, match=r"noise must have the shape of x_start"):
+      D.training_losses(d, lambda x, t: x, x, t, bad)
+    with pytest.raises(ValueError, match=r"noise must have the shape"):
+      D.get_v(d, x, bad, t)
+    with pytest.raises(ValueError, match=r"x_start must have the shape of x_t"):
+      D.q_posterior_mean_variance(d, bad, x, t)
+    with pytest.raises(ValueError, match=r"x_start must have the shape of x_t"):
+      D.vb_terms_bpd(d, x, bad, x, t)
+    with pytest.raises(ValueError, match=r"eps must have the shape of x_t"):
+      D.predict_xstart_from_eps(d, x, t, bad)
+    with pytest.raises(ValueError, match=r"x_start must have the shape of x_t"):
+      D.predict_eps_from_xstart(d, x, t, bad)
+    for fn in (D.predict_xstart_from_v, D.predict_eps_from_v):
+      with pytest.raises(ValueError, match=r"v must have the shape of x_t"):
+        fn(d, x, t, bad)
+
+
+def test_q_sample_of_sequences_against_float64():
+  """[B, L, C] data (not images): each example scaled by its own t's constants."""
+  betas = schedules.get_beta_schedule("cosine", 50)
+  d = D.GaussianDiffusion.create(betas)
+  _, abar, _, _ = ref_constants(betas)
+  x0 = jax.random.uniform(jax.random.key(0), (3, 7, 2), minval=-1, maxval=1)
+  noise = jax.random.normal(jax.random.key(1), (3, 7, 2))
+  t = np.array([0, 25, 49])
+  got = jax.jit(D.q_sample)(d, x0, jnp.asarray(t), noise)
+  a = abar[t][:, None, None]
+  ref = np.sqrt(a) * np.asarray(x0, np.float64) + np.sqrt(1 - a) * np.asarray(
+      noise, np.float64)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_timesteps_that_are_not_an_int_array_say_what_to_pass():
+  d = make(steps=10)
+  x = jnp.ones((2, 3))
+  for t in (3, [3, 4], jnp.int32(3)):
+    with pytest.raises(ValueError, match=r"jnp\.full\(\(B,\), t, jnp\.int32\)"):
+      D.q_sample(d, x, t, x)
+  with pytest.raises(ValueError, match=r"got list \[3, 4\]"):
+    D.training_losses(d, lambda x, t: x, x, [3, 4], x)
+
+
+def test_learned_variances_need_a_channel_axis():
+  """[B] data has no channel axis: its last axis is the batch, not channels."""
+  d = make(var="learned_range", loss="hybrid", steps=10)
+  x = jnp.linspace(-1.0, 1.0, 6)
+  model = lambda x, t: jnp.concatenate([x, x])  # [2B]: would split the batch
+  with pytest.raises(ValueError, match=r"shape \(6,\) has none.*\[B, 1\]"):
+    D.training_losses(d, model, x, jnp.arange(6), x)
+  with pytest.raises(ValueError, match="channel"):
+    D.p_mean_variance(d, jnp.zeros(12), x, jnp.arange(6))
+  # With a channel axis the same data works.
+  x1 = x[:, None]
+  out = D.training_losses(d, lambda x, t: jnp.concatenate([x, x], -1), x1,
+                          jnp.arange(6), x1)
+  assert out["loss"].shape == (6,)
+
+
+def test_calc_bpd_loop_draws_float32_noise_for_half_precision_data():
+  """Data exactly representable in bfloat16 gives the float32 bound."""
+  d = make(steps=10)
+  x = jnp.array([[-1.0, 0.0, 0.5, 1.0], [0.25, -0.5, 1.0, -1.0]])
+  model = lambda x, t: 0.1 * x
+  key = jax.random.key(3)
+  ref = D.calc_bpd_loop(d, model, x, key)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got = D.calc_bpd_loop(d, model, x.astype(dtype), key)
+    np.testing.assert_allclose(got["total_bpd"], ref["total_bpd"], rtol=1e-6)
+    np.testing.assert_allclose(got["mse"], ref["mse"], rtol=1e-6)
+
+
+def test_discretized_likelihood_of_bfloat16_data_keeps_the_edge_bins():
+  """In bfloat16, 0.999 rounds to 1: the +-1 pixels must still take the tails."""
+  x = np.array([-1.0, -1.0, 1.0, 1.0, 0.0])
+  means = np.array([-0.99, -0.9, 0.99, 0.9, 0.01])
+  scale = 0.02
+  lo, hi = x - 1 / 255, x + 1 / 255
+  ref = np.where(x < -0.999, stats.norm.logcdf(hi, means, scale),
+                 np.where(x > 0.999, stats.norm.logsf(lo, means, scale),
+                          np.log(stats.norm.cdf(hi, means, scale) -
+                                 stats.norm.cdf(lo, means, scale))))
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    got = D.discretized_gaussian_log_likelihood(
+        jnp.asarray(x, dtype), jnp.asarray(means, jnp.float32),
+        jnp.full((5,), math.log(scale), jnp.float32))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=str(dtype))

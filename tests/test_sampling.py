@@ -261,3 +261,69 @@ def test_chains_run_in_float32_from_any_float_state():
   assert enc.dtype == jnp.float32
   with pytest.raises(ValueError, match="t_end=10 > t_start=3"):
     S.sample_steps(d, model, noise, jax.random.key(0), 3, 10)
+
+
+def test_rng_must_be_a_key_old_or_new_style():
+  d = make(steps=5)
+  model = lambda x, t: 0.1 * x
+  typed = S.p_sample_loop(d, model, (2, 3), jax.random.key(7))
+  raw = S.p_sample_loop(d, model, (2, 3), jax.random.PRNGKey(7))
+  np.testing.assert_array_equal(typed, raw)  # the same threefry key
+  per_example = S.p_sample_loop(d, model, (2, 3),
+                                jax.random.split(jax.random.key(7), 2))
+  np.testing.assert_array_equal(
+      per_example, S.p_sample_loop(d, model, (2, 3),
+                                   jax.random.split(jax.random.PRNGKey(7), 2)))
+  for bad in (7, jnp.array([0, 7], jnp.int32), jnp.zeros((2,)),
+              jax.random.split(jax.random.PRNGKey(7), (2, 1))):
+    with pytest.raises(TypeError, match=r"rng must be a PRNG key.*jax\.random\.key"):
+      S.p_sample_loop(d, model, (2, 3), bad)
+  with pytest.raises(ValueError, match=r"typed keys of shape \(2, 1\)"):
+    S.p_sample_loop(d, model, (2, 3),
+                    jax.random.split(jax.random.key(7), (2, 1)))
+  with pytest.raises(TypeError, match="rng must be a PRNG key"):
+    D.calc_bpd_loop(d, model, jnp.zeros((2, 3)), 0)
+
+
+def test_sample_steps_checks_levels_given_as_arrays():
+  d = make(steps=20)
+  model = lambda x, t: 0.1 * x
+  x = jnp.ones((2, 3))
+  key = jax.random.key(0)
+  ref = S.sample_steps(d, model, x, key, 20, 10)
+  np.testing.assert_array_equal(
+      S.sample_steps(d, model, x, key, jnp.array(20), np.int64(10)), ref)
+  np.testing.assert_array_equal(  # traced levels: one function for every chunk
+      jax.jit(lambda a, b: S.sample_steps(d, model, x, key, a, b))(20, 10), ref)
+  with pytest.raises(ValueError, match=r"t_start=25 out of range 0\.\.20"):
+    S.sample_steps(d, model, x, key, jnp.array(25), 10)
+  with pytest.raises(ValueError, match=r"t_end=-1 out of range"):
+    S.sample_steps(d, model, x, key, 20, jnp.array(-1))
+  with pytest.raises(ValueError, match=r"t_end=12 > t_start=11"):
+    S.sample_steps(d, model, x, key, jnp.array(11), jnp.array(12))
+  for bad in (20.0, jnp.array([20]), jnp.array(20.0)):
+    with pytest.raises(ValueError, match="t_start must be a scalar integer"):
+      S.sample_steps(d, model, x, key, bad, 10)
+
+
+def test_ddim_sample_loop_refuses_noise_of_another_shape():
+  d = make(steps=5)
+  with pytest.raises(ValueError, match=r"noise has shape \(2, 4\).*\(3, 4\)"):
+    S.ddim_sample_loop(d, lambda x, t: x, (3, 4), jax.random.key(0),
+                       noise=jnp.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_single_steps_draw_float32_noise_for_half_precision_states(dtype):
+  """A state exactly representable in half precision steps as in float32."""
+  d = make(steps=20)
+  model = lambda x, t: 0.1 * x.astype(jnp.float32)  # a float32 network
+  x = jnp.array([[-1.0, 0.0, 0.5], [0.25, -0.5, 1.0]])
+  t = jnp.array([5, 19])
+  key = jax.random.key(4)
+  for step in (lambda x: S.p_sample(d, model, x, t, key),
+               lambda x: S.ddim_sample(d, model, x, t, key, eta=1.0)):
+    ref = step(x)["sample"]
+    got = step(x.astype(dtype))["sample"]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
