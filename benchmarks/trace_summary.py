@@ -45,8 +45,8 @@ def _kind(name: str) -> str:
   return re.sub(r"(\.\d+)+$", "", name)
 
 
-def _gpu_kind(event: dict) -> str:
-  """The kind of a GPU kernel event (see the module docstring)."""
+def _device_kind(event: dict) -> str:
+  """The kind of a GPU kernel or TPU op event (see the module docstring)."""
   op = (event.get("args") or {}).get("hlo_op") or event["name"]
   if not op.startswith("command_buffer"):
     return _kind(op)
@@ -96,7 +96,7 @@ def summarize(path: str, steps: int = 1) -> dict[str, Any]:
       if e["pid"] not in devices:
         continue
       # GPU kernels carry their HLO op in args; TPU events are the op.
-      kind = _gpu_kind(e)
+      kind = _device_kind(e)
     else:
       name = e["name"]
       if not _HLO_NAME.match(name) or name.startswith(_NOT_OPS):
