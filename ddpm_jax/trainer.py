@@ -387,7 +387,8 @@ def train_and_evaluate(
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(rng)
     checkpointing.write_config(workdir, config)
-    writer = _MetricWriter(workdir, int(jax.device_get(state.step)))
+    step = int(jax.device_get(state.step))
+    writer = _MetricWriter(workdir, step)
 
     step_fn = train_step_lib.make_train_step(config, model, diffusion, losses_fn)
     p_train_step = train_step_lib.jit_train_step(step_fn, mesh, shardings, steps_per_call)
@@ -404,7 +405,6 @@ def train_and_evaluate(
                    config.model.get("low_res_size", 0))
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # not a training key
 
-    step = int(jax.device_get(state.step))
     if step >= num_train_steps:
       logging.info("Step %d >= num_train_steps=%d: nothing to train.", step, num_train_steps)
       return state
