@@ -20,6 +20,10 @@ Every host reads a different slice of the data (grain shards by process).
 Each host yields its local batch; the trainer assembles the global batch with
 `jax.make_array_from_process_local_data`.
 """
+import multiprocessing
+import re
+import signal
+import threading
 from typing import Any, Iterator
 
 import grain
@@ -34,7 +38,10 @@ from ddpm_jax.data import tfds_source
 Batch = dict[str, np.ndarray]
 
 ACCEPTED_FORMS = ("'digits', a tfds image data set name such as 'cifar10' or "
-                  "'celeb_a_hq/256', or 'folder:/path/to/images'")
+                  "'celeb_a_hq/256' (optionally with a version: "
+                  "'cifar10:3.0.2'), or 'folder:/path/to/images'")
+# tfds' version forms after 'name:': '3.0.2', '3.*.*'.
+_TFDS_VERSION = re.compile(r"\d+\.(\d+|\*)\.(\d+|\*)")
 
 
 def create_source(config: ml_collections.ConfigDict, split: str) -> Any:
@@ -84,7 +91,8 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> Any:
     return folder.FolderImageSource(
         name[len(folder.PREFIX):], image_size=data.image_size,
         channels=data.channels, num_classes=data.num_classes)
-  if ":" in name or name.startswith(("/", ".")):
+  _, colon, version = name.partition(":")
+  if (colon and not _TFDS_VERSION.fullmatch(version)) or name.startswith(("/", ".")):
     raise ValueError(f"Unknown data set {name!r}: config.data.dataset must be "
                      f"{ACCEPTED_FORMS}.")
   return tfds_source.TfdsImageSource(
@@ -136,6 +144,31 @@ class ToModelInput(grain.transforms.Map):
       out["mask"] = batch["mask"].astype(bool)
       out["index"] = batch["index"].astype(np.int32)
     return out
+
+
+def _ignore_sigint_in_worker() -> "LeaveCtrlCToTheTrainer":
+  if (multiprocessing.parent_process() is not None
+      and threading.current_thread() is threading.main_thread()):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  return LeaveCtrlCToTheTrainer()
+
+
+class LeaveCtrlCToTheTrainer(grain.transforms.Map):
+  """A no-op whose unpickling in a grain worker makes that worker ignore SIGINT.
+
+  A terminal's Ctrl-C reaches every process of its group. The trainer answers
+  it by saving and stopping (and then closes the workers), but each worker
+  would also raise KeyboardInterrupt and print a traceback. grain's
+  DataLoader takes no worker initialiser; a worker unpickles the pipeline's
+  operations in its main thread before it reads anything, so this
+  operation's unpickling is the worker's initialiser.
+  """
+
+  def map(self, element: Any) -> Any:
+    return element
+
+  def __reduce__(self):
+    return _ignore_sigint_in_worker, ()
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -206,7 +239,7 @@ def create_train_iterator(
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard, shuffle=True,
       num_epochs=None, seed=int(seed))
-  operations = []
+  operations = [LeaveCtrlCToTheTrainer()] if worker_count else []
   if config.data.random_flip:
     operations.append(RandomFlip())
   operations += [grain.transforms.Batch(local_batch, drop_remainder=True),

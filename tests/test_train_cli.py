@@ -170,31 +170,62 @@ def test_relative_workdir_trains_and_resumes(tmp_path, monkeypatch):
 # The real CLI with the U-Net (slow: a few U-Net compiles on 2 cores).
 
 
+def _child_processes(pid: int) -> list[str]:
+  """The pids (as strings) whose parent is `pid`, from /proc."""
+  children = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          children.append(entry)
+    except (OSError, ValueError, IndexError):
+      continue
+  return children
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, want_rc", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_digits_cli_trains_samples_and_stops_on_signal(tmp_path, sig, want_rc):
-  """SIGTERM (pre-emption) and Ctrl-C both save the current step; Ctrl-C exits 130."""
+  """SIGTERM (pre-emption) and Ctrl-C both save the current step; Ctrl-C exits 130.
+
+  Ctrl-C goes to the whole process group, as a terminal sends it, with a grain
+  worker process in the group: the worker must leave it to the trainer.
+  """
   workdir = tmp_path / "run"
+  workers = f"--config.data.worker_count={int(sig == signal.SIGINT)}"
   proc = subprocess.Popen(
       [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/digits.py:test",
        "--workdir", str(workdir), "--config.training.num_train_steps=100000",
-       "--config.training.log_every_steps=2", "--config.training.checkpoint_every_steps=1000"],
-      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       "--config.training.log_every_steps=2", "--config.training.checkpoint_every_steps=1000",
+       workers],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 400
   while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     assert time.time() < deadline, "no progress"
     time.sleep(1)
-  proc.send_signal(sig)
+  if sig == signal.SIGINT:
+    children = _child_processes(proc.pid)
+    assert children, "no grain worker process"
+    os.killpg(proc.pid, sig)
+  else:
+    proc.send_signal(sig)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == want_rc, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  if sig == signal.SIGINT:
+    time.sleep(2)
+    alive = [c for c in children if os.path.exists(f"/proc/{c}")]
+    assert not alive, f"grain workers {alive} outlived the trainer"
   steps = checkpointing.existing_steps(str(workdir))
   assert len(steps) == 1 and steps[0] >= 4 and steps[0] < 1000  # saved at the signal
   assert f"saved step {steps[0]}, stopping" in out, out[-3000:]
   # Resume to a few steps more, with a sample grid at the end.
   end = steps[0] + 2
-  r = _cli(["--config", "configs/digits.py:test", "--workdir", str(workdir),
+  r = _cli(["--config", "configs/digits.py:test", "--workdir", str(workdir), workers,
             f"--config.training.num_train_steps={end}",
             f"--config.training.sample_every_steps={end}"])
   assert r.returncode == 0, r.stderr[-3000:]
