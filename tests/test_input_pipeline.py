@@ -304,6 +304,26 @@ def test_tfds_cifar10_under_mock_data():
       input_pipeline.create_source(bad, "train")
 
 
+def test_tfds_name_takes_a_version_and_other_colons_are_refused():
+  with tfds.testing.mock_data(num_examples=4,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    plain = input_pipeline.create_source(cifar_config(), "train")
+    for version in ("3.0.2", "3.*.*"):
+      config = cifar_config()
+      config.data.dataset = f"cifar10:{version}"
+      pinned = input_pipeline.create_source(config, "train")
+      assert len(pinned) == len(plain) == 4
+      for i in range(4):
+        np.testing.assert_array_equal(pinned[i]["image"], plain[i]["image"])
+    config.data.dataset = "cifar10:9.9.9"
+    with pytest.raises(ValueError, match=r"cannot open 'cifar10:9.9.9'.*3\.0\.2"):
+      input_pipeline.create_source(config, "train")
+  for name in ("cifar10:latest", "cifar10:*", "Folder:/tmp", "cifar10:3.0", "./images", "a:1.0.0:2"):
+    config.data.dataset = name
+    with pytest.raises(ValueError, match="Unknown data set.*cifar10:3.0.2"):
+      input_pipeline.create_source(config, "train")
+
+
 def test_tfds_not_prepared_names_the_fix(tmp_path):
   config = cifar_config()
   config.data.data_dir = str(tmp_path)

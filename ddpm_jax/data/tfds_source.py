@@ -51,7 +51,8 @@ class TfdsImageSource:
     """Opens the data source and checks it against the config.
 
     Args:
-      name: tfds name, optionally with config and version ('celeb_a_hq/256').
+      name: tfds name, optionally with config and version ('celeb_a_hq/256',
+        'cifar10:3.0.2').
       split: split name; 'test' falls back to 'validation' (see above).
       image_size: side S of the square images returned.
       channels: config.data.channels; must equal the data set's channels.
@@ -70,8 +71,12 @@ class TfdsImageSource:
       raise ValueError(
           f"Unknown data set {name!r}: config.data.dataset must be 'digits', "
           "the name of a tfds image data set (e.g. 'cifar10', "
-          "'celeb_a_hq/256', 'lsun/church_outdoor') or 'folder:/path/to/"
-          "images'.") from e
+          "'celeb_a_hq/256', 'lsun/church_outdoor'; a version after a colon, "
+          "'cifar10:3.0.2') or 'folder:/path/to/images'.") from e
+    # tfds asserts on a version its code cannot load ('cifar10:9.9.9'); its
+    # message lists the versions it can.
+    except AssertionError as e:
+      raise ValueError(f"tfds cannot open {name!r}: {e}") from e
     features = builder.info.features
     if "image" not in features:
       raise ValueError(
