@@ -78,6 +78,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 # Keys a resumed run may change: they set logging, checkpointing, the sample
 # grid, data loading or how the same computation is laid out, not what is
 # computed. Any other difference to the saved config.json is refused.
+# data.worker_count is free here because only a checkpoint holding grain's
+# state ties it (`_check_data_state`); a run fed by its own iterator may
+# change it.
 RESUMABLE_CHANGES = frozenset({
     "training.num_train_steps", "training.log_every_steps",
     "training.checkpoint_every_steps", "training.sample_every_steps",
@@ -275,7 +278,8 @@ def save(manager: ocp.CheckpointManager, state: ts.TrainState,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iterator: Any = None) -> tuple[ts.TrainState, Any]:
+            data_iterator: Any = None, worker_count: int = 0
+            ) -> tuple[ts.TrainState, Any]:
   """Restores step `step` into the shapes/shardings of `abstract_state`.
 
   Args:
@@ -285,6 +289,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
       set (see `abstract_with_shardings`).
     data_iterator: a fresh grain iterator; its state is set from the
       checkpoint when the step holds one (a `save_pretrained` step does not).
+    worker_count: the iterator's grain worker processes
+      (`config.data.worker_count`); must be the saved state's.
   Returns:
     (state, data_iterator).
   """
@@ -292,7 +298,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   has_data = (manager.directory / str(step) / DATA_ITEM).exists()
   if data_iterator is not None and has_data:
     import grain  # pylint: disable=g-import-not-at-top
-    _check_process_count(manager.directory / str(step) / DATA_ITEM, step)
+    _check_data_state(manager.directory / str(step) / DATA_ITEM, step,
+                      worker_count)
     args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   if data_iterator is not None and has_data:
@@ -300,18 +307,30 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return restored[STATE_ITEM], data_iterator
 
 
-def _check_process_count(data_dir: Any, step: int) -> None:
-  """The input pipeline's state is saved per process: the count must match."""
+def _check_data_state(data_dir: Any, step: int, worker_count: int) -> None:
+  """grain saves the input pipeline's position per process and per worker.
+
+  The number of processes and `config.data.worker_count` must match those of
+  the run that saved `step` (grain's own error would not say which setting
+  to change).
+  """
   n = jax.process_count()
-  if (data_dir / f"process_{jax.process_index()}-of-{n}.json").exists():
-    return
-  saved = sorted({name.split("-of-")[-1].split(".")[0] for name in
-                  (p.name for p in data_dir.iterdir()) if "-of-" in name})
-  raise CheckpointError(
-      f"Step {step} was saved by {' or '.join(saved) or 'another number of'} "
-      f"process(es), and this run has {n}: the input pipeline's position is "
-      "saved per process. Resume with the same number of processes (e.g. "
-      "launch/local.sh -n N), or train into a new --workdir.")
+  path = data_dir / f"process_{jax.process_index()}-of-{n}.json"
+  if not path.exists():
+    saved = sorted({name.split("-of-")[-1].split(".")[0] for name in
+                    (p.name for p in data_dir.iterdir()) if "-of-" in name})
+    raise CheckpointError(
+        f"Step {step} was saved by {' or '.join(saved) or 'another number of'} "
+        f"process(es), and this run has {n}: the input pipeline's position is "
+        "saved per process. Resume with the same number of processes (e.g. "
+        "launch/local.sh -n N), or train into a new --workdir.")
+  saved = json.loads(path.read_text()).get("worker_count")
+  if saved is not None and saved != worker_count:
+    raise CheckpointError(
+        f"Step {step} was saved with config.data.worker_count={saved}, and "
+        f"this run has {worker_count}: grain saves the input pipeline's position "
+        f"per worker. Resume with --config.data.worker_count={saved}, or "
+        "train into a new --workdir.")
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

@@ -380,7 +380,8 @@ def train_and_evaluate(
       checkpointing.check_compatible(manager, latest, abstract.params, workdir)
       state, restored_iter = checkpointing.restore(
           manager, latest, checkpointing.abstract_with_shardings(abstract, shardings),
-          data_iterator if checkpoint_data else None)
+          data_iterator if checkpoint_data else None,
+          worker_count=config.data.get("worker_count", 0))
       if checkpoint_data:
         data_iterator = restored_iter
       logging.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), latest)

@@ -407,9 +407,24 @@ def test_resume_with_another_process_count_names_the_fix(tmp_path):
   data = pathlib.Path(tmp_path)
   for i in range(2):
     (data / f"process_{i}-of-2.json").write_text("{}")
+  check = checkpointing._check_data_state  # pylint: disable=protected-access
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"Step 4 was saved by 2 process\(es\), and this run has 1.*"
                            r"same number of processes"):
-    checkpointing._check_process_count(data, 4)  # pylint: disable=protected-access
+    check(data, 4, 0)
   (data / "process_0-of-1.json").write_text("{}")
-  checkpointing._check_process_count(data, 4)  # pylint: disable=protected-access
+  check(data, 4, 0)
+
+
+def test_resume_with_another_worker_count_names_the_fix(tmp_path):
+  """grain keeps a position per worker; its own error does not name the setting."""
+  from test_train_cli import _tiny_run  # pylint: disable=g-import-not-at-top
+  config = digits.get_config("test")
+  _tiny_run(config, tmp_path)  # worker_count 0
+  config.training.num_train_steps = 4
+  config.data.worker_count = 1
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"Step 2 was saved with config.data.worker_count=0, "
+                           r"and this run has 1.*--config.data.worker_count=0"):
+    trainer.train_and_evaluate(config, str(tmp_path), model=TinyNet())
+  assert checkpointing.existing_steps(str(tmp_path)) == [2]
