@@ -2,9 +2,8 @@
 
 A small U-Net (ch 32, two levels 8x8 and 4x4, attention at 4x4) with the DDPM
 recipe otherwise (T = 1000 linear betas, eps prediction, fixed-large variance,
-L_simple), batch 64, 2000 steps. Measured on 2 quiet CPU cores: 6 min 34 s
-including compilation and the final grid of 100 ancestral samples (about 400
-images/s), test-set bits/dim 4.71 (see the README).
+L_simple), batch 64, 2000 steps: minutes on 2 CPU cores (the README's "What
+the built-in digits run gives" has the measured time, speed and bits/dim).
 
 `--config configs/digits.py:test` is a tiny variant for tests (seconds).
 """

@@ -98,7 +98,7 @@ def _model_dir(path: str) -> str:
   raise ConversionError(
       f"{path} has no {CONFIG_FILE} (nor unet/{CONFIG_FILE}): expected a "
       f"diffusers UNet2DModel directory with {CONFIG_FILE} and {SAFETENSORS_FILE}"
-      f" (e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR`)")
+      f" (e.g. `hf download google/ddpm-cifar10-32 --local-dir DIR`)")
 
 
 def _scheduler_config(model_dir: str) -> Optional[dict[str, Any]]:

@@ -38,8 +38,9 @@ class TrainState:
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up from 0 to `optim.lr` over `optim.warmup_steps`, then constant.
 
-  At update k (0-based) the rate is lr * min(1, (k + 1) / warmup_steps), as in
-  the DDPM code, so the first update already moves the parameters.
+  At update k (0-based) the rate is lr * min(1, (k + 1) / warmup_steps): one
+  step ahead of the DDPM code (whose first update has rate 0), so the first
+  update already moves the parameters.
   """
   lr = float(config.optim.lr)
   warmup = int(config.optim.warmup_steps)

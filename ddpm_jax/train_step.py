@@ -142,7 +142,7 @@ def make_train_step(
     if steps_per_call == 1:
       return one_step(state, batch)
     # XLA's CPU backend leaves a convolution's weight gradient inside a loop
-    # body in a layout that only its naive convolution runs (~40x slower,
+    # body in a layout that only its naive convolution runs (~30x slower,
     # jax 0.10), so on a CPU the K steps are unrolled (K copies to compile).
     unroll = jax.default_backend() == "cpu"
     return jax.lax.scan(one_step, state, batch, unroll=True if unroll else 1)
