@@ -477,17 +477,29 @@ def config_from_diffusers(
 # Command line
 
 
+FIXED_VARIANCES = ("fixedlarge", "fixedsmall")
+
+
 def convert_to_workdir(
     path: str, workdir: str,
-    base_config: Optional[ml_collections.ConfigDict] = None
+    base_config: Optional[ml_collections.ConfigDict] = None,
+    variance: Optional[str] = None,
 ) -> ml_collections.ConfigDict:
   """Converts ``path`` and writes a step-0 run to ``workdir`` atomically.
 
   The run is written under a temporary sibling directory and renamed into
   place only when complete, so a failure leaves ``workdir`` as it was.
 
+  Args:
+    path, base_config: as for ``from_diffusers``.
+    workdir: the new run directory.
+    variance: None keeps the scheduler's variance; 'fixedlarge' (beta_t, what
+      the paper's CIFAR-10 samples and bits/dim used) or 'fixedsmall' (the
+      posterior variance) replaces a fixed one.
+
   Raises:
-    ConversionError: a bad source, or ``workdir`` already holds a run.
+    ConversionError: a bad source or variance, or ``workdir`` already holds a
+      run.
   """
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
@@ -501,6 +513,16 @@ def convert_to_workdir(
           f"--workdir {workdir} already holds a run ({', '.join(held)}); "
           "choose a new directory")
   params, config = from_diffusers(path, base_config)
+  if variance is not None:
+    if variance not in FIXED_VARIANCES:
+      raise ConversionError(f"--variance must be one of {FIXED_VARIANCES}; "
+                            f"got {variance!r}")
+    if config.diffusion.model_var_type not in FIXED_VARIANCES:
+      raise ConversionError(
+          f"This model predicts its variances "
+          f"({config.diffusion.model_var_type}); --variance only replaces a "
+          "fixed one: leave it out")
+    config.diffusion.model_var_type = variance
   parent = os.path.dirname(workdir)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(workdir)}.tmp-{os.getpid()}")
@@ -526,7 +548,8 @@ def main(argv) -> None:
   from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
   config = cli.exit_on_user_error(convert_to_workdir, flags_.diffusers,
-                                  flags_.workdir, flags_.config)
+                                  flags_.workdir, flags_.config,
+                                  flags_.variance)
   m, d = config.model, config.diffusion
   print(f"Wrote {flags_.workdir}: {config.data.image_size}x"
         f"{config.data.image_size}x{config.data.channels}, ch={m.ch} "
@@ -545,6 +568,11 @@ def _define_flags() -> None:
                       "diffusers UNet2DModel directory (config.json + "
                       "diffusion_pytorch_model.safetensors).")
   flags.DEFINE_string("workdir", None, "New run directory to write.")
+  flags.DEFINE_enum("variance", None, list(FIXED_VARIANCES),
+                    "Replace the scheduler's fixed variance: fixedlarge "
+                    "(beta_t, the paper's CIFAR-10 sampling and bits/dim) or "
+                    "fixedsmall (the posterior's, what google/ddpm-* "
+                    "schedulers say). Default: the scheduler's.")
   flags.mark_flags_as_required(["diffusers", "workdir"])
 
 

@@ -285,6 +285,28 @@ def test_cli_writes_a_run_that_loads(small, tmp_path):
   np.testing.assert_allclose(our_output(params, config, x, t),
                              diffusers_output(unet, x, t), atol=1e-4, rtol=0)
 
+  # --variance fixedlarge: the paper's CIFAR-10 sampling, in the run's config.
+  result = run_cli("--diffusers", directory, "--workdir", workdir + "_large",
+                   "--variance", "fixedlarge")
+  assert result.returncode == 0, result.stderr
+  assert "fixedlarge" in result.stdout
+  large, large_params, _ = checkpointing.load_params(workdir + "_large")
+  assert large.diffusion.model_var_type == "fixedlarge"
+  jax.tree.map(np.testing.assert_array_equal, params, large_params)
+  # The sampler's variance at t = 1: beta_t, versus the posterior's
+  # beta_t (1 - abar_{t-1}) / (1 - abar_t), in float64 here.
+  from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
+  betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+  abar = np.cumprod(1 - betas)
+  want = {"fixedlarge": betas[1],
+          "fixedsmall": betas[1] * (1 - abar[0]) / (1 - abar[1])}
+  for c in (config, large):
+    got = diffusion.p_mean_variance(
+        models.create_diffusion(c), jnp.zeros((1, 16, 16, 3)),
+        jnp.zeros((1, 16, 16, 3)), jnp.array([1], jnp.int32))["variance"]
+    np.testing.assert_allclose(float(got.ravel()[0]),
+                               want[c.diffusion.model_var_type], rtol=1e-5)
+  assert want["fixedlarge"] > 1.5 * want["fixedsmall"]  # the two differ
   # A second conversion into the same workdir is refused; nothing changes.
   before = sorted(os.listdir(workdir))
   with pytest.raises(convert.ConversionError, match="already holds"):
@@ -355,6 +377,9 @@ def test_learned_variance_model(tmp_path):
   unet = make_unet(dict(SMALL_CONFIG, out_channels=6), seed=2)
   directory = save_unet(unet, str(tmp_path), scheduler={
       "_class_name": "DDPMScheduler", "variance_type": "learned_range"})
+  with pytest.raises(convert.ConversionError, match="predicts its variances"):
+    convert.convert_to_workdir(directory, str(tmp_path / "run"), variance="fixedlarge")
+  assert not (tmp_path / "run").exists()
   params, config = convert.from_diffusers(directory)
   assert config.diffusion.model_var_type == "learned_range"
   assert models.create_model(config).out_ch == 6
