@@ -80,5 +80,9 @@ def get_config():
   # convolutions elsewhere and on GPU/TPU. 'direct' or 'winograd' force one;
   # parameters are the same either way.
   model.conv_algorithm = "auto"
+  # Improved DDPM's architecture (Nichol & Dhariwal 2021); off: DDPM's.
+  model.num_heads = 1  # attention heads
+  model.scale_shift_norm = False  # t scales/shifts each block's 2nd GroupNorm
+  model.rescale_timesteps = False  # the network embeds t * 1000 / T
 
   return config

@@ -142,6 +142,27 @@ def test_output_is_zero_at_init_and_only_the_documented_layers_are_zero():
                     + [f"{a}/proj_out" for a in attns] + ["conv_out"])
   assert zero_kernels == expected
 
+  # Every other kernel: the original DDPM code's Glorot-uniform, i.e.
+  # U(-b, b) with b = sqrt(6 / (fan_in + fan_out)), fans counting the 3x3
+  # receptive field: inside the bound, its variance b^2 / 3, and a uniform's
+  # kurtosis 1.8 (a (truncated) normal has 2.5-3).
+  checked = 0
+  for path, leaf in flat:
+    w = np.asarray(leaf, np.float64)
+    if path[-1].key != "kernel" or not np.any(w):
+      continue
+    receptive = int(np.prod(w.shape[:-2])) if w.ndim > 2 else 1
+    fan_in, fan_out = receptive * w.shape[-2], receptive * w.shape[-1]
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    name = "/".join(k.key for k in path)
+    assert np.abs(w).max() <= bound, name
+    if w.size >= 4096:
+      checked += 1
+      np.testing.assert_allclose(w.var(), bound**2 / 3, rtol=0.1, err_msg=name)
+      kurtosis = np.mean((w - w.mean())**4) / w.var()**2
+      assert 1.7 < kurtosis < 1.9, (name, kurtosis)
+  assert checked >= 10, checked
+
   # The zeros come from those layers alone: make them random and it moves.
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(1)  # numpy: eager jax ops would compile per shape
@@ -335,3 +356,107 @@ def test_create_diffusion_uses_the_config_schedule():
   assert d.num_timesteps == 50
   np.testing.assert_allclose(np.asarray(d.betas),
                              np.linspace(1e-3, 0.05, 50), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Improved DDPM's architecture options, against float64 numpy.
+
+
+def _group_norm_f64(x, p):
+  from test_groupnorm import numpy_group_norm  # pylint: disable=g-import-not-at-top
+  return numpy_group_norm(x, np.asarray(p["scale"], np.float64),
+                          np.asarray(p["bias"], np.float64), 32, 1e-6)
+
+
+def _dense_f64(x, p):
+  return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def _swish_f64(x):
+  return x / (1 + np.exp(-x))
+
+
+def _randomised(params, seed):
+  """Every leaf replaced by N(0, 0.3^2) noise (zero-initialised layers included)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda p: (0.3 * rng.standard_normal(p.shape)).astype(np.float32), params)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_multi_head_attention_matches_float64(heads):
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 64)).astype(np.float32)
+  block = layers.AttnBlock(num_heads=heads)
+  params = _randomised(block.init(jax.random.key(0), x)["params"], seed=heads)
+  got = jax.jit(block.apply)({"params": params}, x)
+
+  b, n, c, d = 2, 16, 64, 64 // heads
+  h = _group_norm_f64(x.astype(np.float64), params["norm"]).reshape(b, n, c)
+  q, k, v = (_dense_f64(h, params[name]).reshape(b, n, heads, d) for name in "qkv")
+  logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum("bhij,bjhd->bihd", weights, v).reshape(b, n, c)
+  want = x + _dense_f64(out, params["proj_out"]).reshape(x.shape)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+
+def test_heads_change_the_function_not_the_parameters():
+  x = np.random.default_rng(1).standard_normal((1, 4, 4, 64)).astype(np.float32)
+  one, four = layers.AttnBlock(num_heads=1), layers.AttnBlock(num_heads=4)
+  params = _randomised(one.init(jax.random.key(0), x)["params"], seed=5)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(
+      np.shape, four.init(jax.random.key(0), x)["params"])
+  diff = np.abs(np.asarray(one.apply({"params": params}, x))
+                - np.asarray(four.apply({"params": params}, x))).max()
+  assert diff > 1e-2
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resnet_block_matches_float64(scale_shift):
+  from oracles import conv3x3_f64  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 4, 4, 32)).astype(np.float32)
+  temb = rng.standard_normal((2, 128)).astype(np.float32)
+  block = layers.ResnetBlock(64, scale_shift=scale_shift, conv_algorithm="direct")
+  params = _randomised(block.init(jax.random.key(0), x, temb, False)["params"], 3)
+  assert params["temb_proj"]["kernel"].shape == (128, 128 if scale_shift else 64)
+  got = jax.jit(block.apply, static_argnums=3)({"params": params}, x, temb, False)
+
+  def conv(h, p):
+    return conv3x3_f64(h, np.asarray(p["kernel"], np.float64),
+                       np.asarray(p["bias"], np.float64))
+
+  x64 = x.astype(np.float64)
+  h = conv(_swish_f64(_group_norm_f64(x64, params["norm_0"])), params["conv_0"])
+  e = _dense_f64(_swish_f64(temb.astype(np.float64)), params["temb_proj"])[:, None, None, :]
+  if scale_shift:  # improved-diffusion: out_norm(h) * (1 + scale) + shift
+    h = _group_norm_f64(h, params["norm_1"]) * (1 + e[..., :64]) + e[..., 64:]
+  else:  # DDPM: the embedding is added before the second GroupNorm
+    h = _group_norm_f64(h + e, params["norm_1"])
+  h = conv(_swish_f64(h), params["conv_1"])
+  want = _dense_f64(x64, params["shortcut"]) + h
+  np.testing.assert_allclose(got, want, atol=5e-4, rtol=1e-4)
+
+
+def test_rescaled_timesteps_embed_t_times_1000_over_T():
+  config = tiny_config(rescale_timesteps=True)
+  config.diffusion.num_timesteps = 4000
+  plain = tiny_config()
+  plain.diffusion.num_timesteps = 4000
+  rescaled, model = models.create_model(config), models.create_model(plain)
+  assert rescaled.time_scale == 0.25 and model.time_scale == 1.0
+  x = np.random.default_rng(4).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  params = _randomised(init(plain)[1], seed=6)
+  got = jit_apply(rescaled)({"params": params}, x, jnp.array([400, 3999], jnp.int32))
+  want = jit_apply(model)({"params": params}, x, jnp.array([100.0, 999.75], jnp.float32))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  other = jit_apply(model)({"params": params}, x, jnp.array([400, 3999], jnp.int32))
+  assert np.abs(np.asarray(other) - np.asarray(want)).max() > 1e-3
+
+
+def test_bad_architecture_options_name_the_key():
+  with pytest.raises(ValueError, match=r"model.num_heads=3 does not divide .*\[32, 64\]"):
+    models.create_model(tiny_config(num_heads=3))
+  with pytest.raises(ValueError, match="model.num_heads must be an int >= 1"):
+    models.create_model(tiny_config(num_heads=0))

@@ -61,8 +61,9 @@ def create_model(config: ml_collections.ConfigDict
   if conv_algorithm not in layers.CONV_ALGORITHMS:
     raise ValueError(f"model.conv_algorithm={conv_algorithm!r} is not one of "
                      f"{layers.CONV_ALGORITHMS}")
+  arch = _improved_architecture(config)
   if is_classifier(config):
-    return _create_classifier(config, conv_algorithm)
+    return _create_classifier(config, conv_algorithm, arch)
   out_ch = output_channels(config)
   unet.validate_hparams(
       image_size=config.data.image_size, in_ch=config.data.channels, ch=m.ch,
@@ -75,11 +76,32 @@ def create_model(config: ml_collections.ConfigDict
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
       resamp_with_conv=m.resamp_with_conv, num_classes=m.num_classes,
       low_res_size=low_res_size(config), dtype=unet.DTYPES[m.dtype],
-      remat=m.remat, conv_algorithm=conv_algorithm)
+      remat=m.remat, conv_algorithm=conv_algorithm, **arch)
+
+
+def _improved_architecture(config: ml_collections.ConfigDict) -> dict:
+  """UNet/Classifier fields from model.{num_heads, scale_shift_norm, rescale_timesteps}."""
+  m = config.model
+  heads = m.get("num_heads", 1)
+  if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+    raise ValueError(f"model.num_heads must be an int >= 1, got {heads!r}")
+  bad = [m.ch * mult for mult in m.ch_mult if (m.ch * mult) % heads]
+  if bad:
+    raise ValueError(
+        f"model.num_heads={heads} does not divide the channel counts {bad} "
+        f"(model.ch={m.ch} times model.ch_mult={tuple(m.ch_mult)}); choose a "
+        "divisor of every one")
+  for key in ("scale_shift_norm", "rescale_timesteps"):
+    if not isinstance(m.get(key, False), bool):
+      raise ValueError(f"model.{key} must be True or False, got {m.get(key)!r}")
+  rescale = m.get("rescale_timesteps", False)
+  return dict(num_heads=heads,
+              scale_shift_norm=m.get("scale_shift_norm", False),
+              time_scale=1000.0 / config.diffusion.num_timesteps if rescale else 1.0)
 
 
 def _create_classifier(config: ml_collections.ConfigDict,
-                       conv_algorithm: str) -> Classifier:
+                       conv_algorithm: str, arch: dict) -> Classifier:
   m = config.model
   k = m.num_classes
   if not isinstance(k, int) or k < 2:
@@ -103,7 +125,7 @@ def _create_classifier(config: ml_collections.ConfigDict,
       num_res_blocks=m.num_res_blocks,
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
       resamp_with_conv=m.resamp_with_conv, dtype=unet.DTYPES[m.dtype],
-      remat=m.remat, conv_algorithm=conv_algorithm)
+      remat=m.remat, conv_algorithm=conv_algorithm, **arch)
 
 
 def init_kwargs(config: ml_collections.ConfigDict,

@@ -33,6 +33,7 @@ class Classifier(nn.Module):
     resamp_with_conv: stride-2 conv (True) or 2x2 average pool (False).
     dtype: compute dtype; parameters are float32, the logits float32.
     remat: rematerialise ResNet blocks in the backward pass to save memory.
+    conv_algorithm, num_heads, scale_shift_norm, time_scale: as in ``UNet``.
   """
   num_classes: int
   ch: int = 128
@@ -44,6 +45,9 @@ class Classifier(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   conv_algorithm: str = "auto"
+  num_heads: int = 1
+  scale_shift_norm: bool = False
+  time_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *,
@@ -65,9 +69,10 @@ class Classifier(nn.Module):
     resblock = (nn.remat(layers.ResnetBlock, static_argnums=(3,))
                 if self.remat else layers.ResnetBlock)
 
-    temb = layers.time_mlp(t, self.ch, self.dtype)
+    temb = layers.time_mlp(t, self.ch, self.dtype, self.time_scale)
 
-    resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm)
+    resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm,
+                                 scale_shift=self.scale_shift_norm)
     h = layers.Conv3x3(self.ch, self.dtype, algorithm=self.conv_algorithm,
                        name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
@@ -75,19 +80,21 @@ class Classifier(nn.Module):
         h = resblock(self.ch * mult, self.dropout, self.dtype,
                      name=f"down_{level}_block_{i}")(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock(self.dtype, name=f"down_{level}_attn_{i}")(h)
+          h = layers.AttnBlock(self.dtype, self.num_heads,
+                               name=f"down_{level}_attn_{i}")(h)
       if level != len(self.ch_mult) - 1:
         h = layers.Downsample(self.resamp_with_conv, self.dtype,
                               name=f"down_{level}_downsample")(h)
 
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_0")(h, temb, train)
-    h = layers.AttnBlock(self.dtype, name="mid_attn")(h)
+    h = layers.AttnBlock(self.dtype, self.num_heads, name="mid_attn")(h)
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_1")(h, temb, train)
 
     h = nn.swish(layers.group_norm(self.dtype, "norm_out")(h))
     # Pool in float32: a bfloat16 mean over many positions loses precision.
     h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # [B, C_last]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype,
+                      kernel_init=layers.default_init, name="head")(h)
     return logits.astype(jnp.float32)

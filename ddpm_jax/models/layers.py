@@ -61,15 +61,26 @@ def check_inputs(x: jax.Array, t: jax.Array, ch_mult) -> jax.Array:
   return t
 
 
-def time_mlp(t: jax.Array, ch: int, dtype: Dtype) -> jax.Array:
-  """sinusoid(t) -> Dense(4ch) -> swish -> Dense(4ch): `[B]` -> `[B, 4ch]`.
+# The original DDPM code's initialiser for every dense and convolution kernel
+# (its `nn.default_init`): Glorot-uniform, variance 2 / (fan_in + fan_out).
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def time_mlp(t: jax.Array, ch: int, dtype: Dtype,
+             time_scale: float = 1.0) -> jax.Array:
+  """sinusoid(t * time_scale) -> Dense(4ch) -> swish -> Dense(4ch): `[B]` -> `[B, 4ch]`.
 
   Call it inside a compact `__call__`: the Dense layers (`time_dense_0/1`)
-  belong to the calling module.
+  belong to the calling module. `time_scale` = 1000 / T embeds every T as
+  improved DDPM does (its `rescale_timesteps`).
   """
+  if time_scale != 1.0:
+    t = t.astype(jnp.float32) * jnp.float32(time_scale)
   temb = timestep_embedding(t, ch)
-  temb = nn.Dense(4 * ch, dtype=dtype, name="time_dense_0")(temb)
-  return nn.Dense(4 * ch, dtype=dtype, name="time_dense_1")(nn.swish(temb))
+  temb = nn.Dense(4 * ch, dtype=dtype, kernel_init=default_init,
+                  name="time_dense_0")(temb)
+  return nn.Dense(4 * ch, dtype=dtype, kernel_init=default_init,
+                  name="time_dense_1")(nn.swish(temb))
 
 
 def centre_two_pass(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -228,10 +239,10 @@ def winograd_tile(algorithm: str, batch: int, height: int, width: int,
 class Conv3x3(nn.Module):
   """Stride-1 3x3 convolution with one pixel of zero padding.
 
-  Parameters, their names, initialisation and result are those of
-  ``nn.Conv(features, (3, 3), padding=1)`` (``kernel``: float32
-  ``[3, 3, C_in, features]``, ``bias``: float32 ``[features]``), so
-  checkpoints do not depend on the algorithm.
+  Parameters, their names and result are those of ``nn.Conv(features,
+  (3, 3), padding=1)`` (``kernel``: float32 ``[3, 3, C_in, features]``,
+  ``bias``: float32 ``[features]``), so checkpoints do not depend on the
+  algorithm; the kernel starts from ``default_init`` (or zero).
 
   Attributes:
     features: output channels.
@@ -247,8 +258,7 @@ class Conv3x3(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: ``[B, H, W, C_in]``; returns ``[B, H, W, features]`` in ``dtype``."""
-    init = (nn.initializers.zeros_init() if self.zero_init
-            else nn.initializers.lecun_normal())
+    init = nn.initializers.zeros_init() if self.zero_init else default_init
     kernel = self.param("kernel", init, (3, 3, x.shape[-1], self.features),
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
@@ -272,11 +282,15 @@ class ResnetBlock(nn.Module):
     dropout: dropout rate before the second conv (active only when training).
     dtype: compute dtype.
     conv_algorithm: see ``Conv3x3``.
+    scale_shift: improved DDPM's form: the embedding gives (scale, shift)
+      and the second GroupNorm's output becomes ``norm * (1 + scale) +
+      shift``, instead of the embedding being added before that GroupNorm.
   """
   out_ch: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   conv_algorithm: str = "auto"
+  scale_shift: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -284,37 +298,53 @@ class ResnetBlock(nn.Module):
     h = nn.swish(group_norm(self.dtype, "norm_0")(x))
     h = Conv3x3(self.out_ch, self.dtype, algorithm=self.conv_algorithm,
                 name="conv_0")(h)
-    temb_out = nn.Dense(self.out_ch, dtype=self.dtype, name="temb_proj")(
-        nn.swish(temb))
-    h = h + temb_out[:, None, None, :]
-    h = nn.swish(group_norm(self.dtype, "norm_1")(h))
+    temb_out = nn.Dense(self.out_ch * (2 if self.scale_shift else 1),
+                        dtype=self.dtype, kernel_init=default_init,
+                        name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(temb_out, 2, axis=-1)
+      h = group_norm(self.dtype, "norm_1")(h) * (1 + scale) + shift
+    else:
+      h = group_norm(self.dtype, "norm_1")(h + temb_out)
+    h = nn.swish(h)
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
     # Zero init: each block starts as the identity, so the fresh network is
     # well conditioned whatever its depth.
     h = Conv3x3(self.out_ch, self.dtype, zero_init=True,
                 algorithm=self.conv_algorithm, name="conv_1")(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Dense(self.out_ch, dtype=self.dtype, name="shortcut")(x)
+      x = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init,
+                   name="shortcut")(x)
     return x + h
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all H*W positions, with a residual add."""
+  """Self-attention over all H*W positions, with a residual add.
+
+  Attributes:
+    dtype: compute dtype.
+    num_heads: heads, each over C / num_heads channels (DDPM: 1; improved
+      DDPM: 4); the parameters do not depend on it.
+  """
   dtype: Dtype = jnp.float32
+  num_heads: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: ``[B, H, W, C]``; returns the same shape and dtype."""
+    """x: ``[B, H, W, C]``, C divisible by num_heads; returns the same shape and dtype."""
     b, height, width, c = x.shape
+    heads = self.num_heads
     h = group_norm(self.dtype, "norm")(x)
-    # 1x1 convolutions are Dense layers over the channel axis.
-    q = nn.Dense(c, dtype=self.dtype, name="q")(h).reshape(b, height * width, c)
-    k = nn.Dense(c, dtype=self.dtype, name="k")(h).reshape(b, height * width, c)
-    v = nn.Dense(c, dtype=self.dtype, name="v")(h).reshape(b, height * width, c)
-    logits = jnp.einsum("bic,bjc->bij", q, k) * (c ** -0.5)
+
+    def project(name):  # a 1x1 convolution: Dense over the channel axis
+      y = nn.Dense(c, dtype=self.dtype, kernel_init=default_init, name=name)(h)
+      return y.reshape(b, height * width, heads, c // heads)
+
+    q, k, v = project("q"), project("k"), project("v")
+    logits = jnp.einsum("bihd,bjhd->bhij", q, k) * ((c // heads) ** -0.5)
     # Softmax in float32: bfloat16 logits over 256+ positions lose the tail.
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    h = jnp.einsum("bij,bjc->bic", weights.astype(self.dtype), v)
+    h = jnp.einsum("bhij,bjhd->bihd", weights.astype(self.dtype), v)
     h = h.reshape(b, height, width, c)
     h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
                  name="proj_out")(h)
@@ -334,7 +364,7 @@ class Downsample(nn.Module):
       # bottom/right; the official weights were trained with it.
       return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2),
                      padding=((0, 1), (0, 1)), dtype=self.dtype,
-                     name="conv")(x)
+                     kernel_init=default_init, name="conv")(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 

@@ -10,9 +10,10 @@ id meaning "no class" for classifier-free guidance), super-resolution
 conditioning (``low_res_size > 0``: a low-resolution image, nearest-upsampled
 and concatenated to the input channels, plus an embedding of its
 noise-augmentation level added to the timestep embedding, as in Ho et al.
-2021's cascaded diffusion), a compute ``dtype`` such as bfloat16 with float32
-parameters, and rematerialisation of ResNet blocks. With the extensions off,
-the parameters are exactly the paper's.
+2021's cascaded diffusion), improved DDPM's multi-head attention, scale-shift
+GroupNorm and rescaled timesteps (Nichol & Dhariwal 2021), a compute ``dtype``
+such as bfloat16 with float32 parameters, and rematerialisation of ResNet
+blocks. With the extensions off, the parameters are exactly the paper's.
 """
 import functools
 from typing import Any, Optional, Sequence
@@ -99,6 +100,11 @@ class UNet(nn.Module):
     conv_algorithm: how stride-1 3x3 convolutions are computed (same
       parameters and function): 'auto', 'direct' or 'winograd'; see
       ``layers.winograd_tile``.
+    num_heads, scale_shift_norm, time_scale: improved DDPM's architecture
+      (Nichol & Dhariwal 2021): attention heads (``layers.AttnBlock``), the
+      embedding's scale and shift of each block's second GroupNorm
+      (``layers.ResnetBlock``), and t embedded as ``t * time_scale``
+      (1000 / T). With 1, False and 1.0 the network is DDPM's.
   """
   ch: int = 128
   out_ch: int = 3
@@ -112,6 +118,9 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   conv_algorithm: str = "auto"
+  num_heads: int = 1
+  scale_shift_norm: bool = False
+  time_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None,
@@ -144,7 +153,7 @@ class UNet(nn.Module):
                 if self.remat else layers.ResnetBlock)
 
     # Timestep (and class) embedding, [B, 4ch].
-    temb = layers.time_mlp(t, self.ch, self.dtype)
+    temb = layers.time_mlp(t, self.ch, self.dtype, self.time_scale)
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((b,), self.num_classes, jnp.int32)
@@ -168,7 +177,8 @@ class UNet(nn.Module):
     # Down path; hs holds every activation the up path concatenates back.
     conv = functools.partial(layers.Conv3x3, dtype=self.dtype,
                              algorithm=self.conv_algorithm)
-    resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm)
+    resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm,
+                                 scale_shift=self.scale_shift_norm)
     h = conv(self.ch, name="conv_in")(x)
     hs = [h]
     for level, mult in enumerate(self.ch_mult):
@@ -176,7 +186,8 @@ class UNet(nn.Module):
         h = resblock(self.ch * mult, self.dropout, self.dtype,
                      name=f"down_{level}_block_{i}")(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock(self.dtype, name=f"down_{level}_attn_{i}")(h)
+          h = layers.AttnBlock(self.dtype, self.num_heads,
+                               name=f"down_{level}_attn_{i}")(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
         h = layers.Downsample(self.resamp_with_conv, self.dtype,
@@ -186,7 +197,7 @@ class UNet(nn.Module):
     # Middle.
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_0")(h, temb, train)
-    h = layers.AttnBlock(self.dtype, name="mid_attn")(h)
+    h = layers.AttnBlock(self.dtype, self.num_heads, name="mid_attn")(h)
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_1")(h, temb, train)
 
@@ -197,7 +208,8 @@ class UNet(nn.Module):
         h = resblock(self.ch * self.ch_mult[level], self.dropout, self.dtype,
                      name=f"up_{level}_block_{i}")(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock(self.dtype, name=f"up_{level}_attn_{i}")(h)
+          h = layers.AttnBlock(self.dtype, self.num_heads,
+                               name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = layers.Upsample(self.resamp_with_conv, self.dtype,
                             conv_algorithm=self.conv_algorithm,
@@ -242,7 +254,8 @@ class UNet(nn.Module):
       raise ValueError(f"aug_t must have shape [B]=({b},) or be a scalar, got "
                        f"{aug_t.shape}")
     emb = layers.timestep_embedding(aug_t, self.ch)
-    emb = nn.Dense(4 * self.ch, dtype=self.dtype, name="aug_dense_0")(emb)
-    emb = nn.Dense(4 * self.ch, dtype=self.dtype, name="aug_dense_1")(
-        nn.swish(emb))
+    emb = nn.Dense(4 * self.ch, dtype=self.dtype, kernel_init=layers.default_init,
+                   name="aug_dense_0")(emb)
+    emb = nn.Dense(4 * self.ch, dtype=self.dtype, kernel_init=layers.default_init,
+                   name="aug_dense_1")(nn.swish(emb))
     return x, emb
