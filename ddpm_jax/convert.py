@@ -185,7 +185,14 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   if not math.isclose(float(cfg["norm_eps"]), 1e-6, rel_tol=1e-3):
     _require("norm_eps", cfg["norm_eps"], [1e-6])
   _require("resnet_time_scale_shift", cfg["resnet_time_scale_shift"],
-           ["default"])
+           ["default", "scale_shift"])
+  if (cfg["resnet_time_scale_shift"] == "scale_shift"
+      and cfg["attn_norm_num_groups"] is None):
+    # diffusers then builds the middle block's attention without GroupNorm.
+    raise ConversionError(
+        f"{CONFIG_FILE}: resnet_time_scale_shift='scale_shift' with "
+        "attn_norm_num_groups=None: the middle attention has no GroupNorm, "
+        "which the U-Net always has (attn_norm_num_groups=32 is supported)")
   _require("class_embed_type", cfg["class_embed_type"], [None])
   _require("num_class_embeds", cfg["num_class_embeds"], [None],
            "class-conditional diffusers models have no 'no class' id")
@@ -228,15 +235,22 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         f"{CONFIG_FILE}: sample_size={size!r} must be a positive int")
   attn_resolutions = tuple(size // 2**i for i, a in enumerate(down_attn) if a)
 
+  # diffusers fixes the channels per head; ddpm_jax the number of heads
+  # (improved DDPM's form): the two agree when every attention layer has
+  # the same number of heads.
   head_dim = cfg["attention_head_dim"]
+  num_heads = 1
   if head_dim is not None:
     attn_channels = {channels[i] for i, a in enumerate(down_attn) if a}
     attn_channels.add(channels[-1])  # the middle block
-    if attn_channels != {head_dim}:
+    heads = {c // head_dim for c in attn_channels}
+    if any(c % head_dim for c in attn_channels) or len(heads) != 1:
       raise ConversionError(
-          f"{CONFIG_FILE}: attention_head_dim={head_dim} gives multi-head "
-          f"attention over {sorted(attn_channels)} channels; the DDPM U-Net "
-          "uses one head (attention_head_dim null)")
+          f"{CONFIG_FILE}: attention_head_dim={head_dim} over "
+          f"{sorted(attn_channels)} channels gives a different number of "
+          "heads per resolution; ddpm_jax uses one number of heads "
+          "(model.num_heads) for every attention layer")
+    num_heads = heads.pop()
 
   in_ch, out_ch = int(cfg["in_channels"]), int(cfg["out_channels"])
   if out_ch not in (in_ch, 2 * in_ch):
@@ -246,7 +260,8 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   return dict(image_size=size, channels=in_ch, out_channels=out_ch, ch=ch,
               ch_mult=ch_mult, num_res_blocks=int(cfg["layers_per_block"]),
               attn_resolutions=attn_resolutions,
-              dropout=float(cfg["dropout"]))
+              dropout=float(cfg["dropout"]), num_heads=num_heads,
+              scale_shift_norm=cfg["resnet_time_scale_shift"] == "scale_shift")
 
 
 def _diffusion_config(raw: Optional[Mapping[str, Any]],
@@ -308,6 +323,9 @@ def _full_config(model: Mapping[str, Any], diffusion: Mapping[str, Any],
   config.model.num_res_blocks = model["num_res_blocks"]
   config.model.attn_resolutions = model["attn_resolutions"]
   config.model.dropout = model["dropout"]
+  config.model.num_heads = model["num_heads"]
+  config.model.scale_shift_norm = model["scale_shift_norm"]
+  config.model.rescale_timesteps = False  # diffusers embeds t as it is
   config.model.resamp_with_conv = True
   config.model.num_classes = 0
   for key, value in diffusion.items():

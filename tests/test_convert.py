@@ -108,6 +108,24 @@ def test_small_model_matches_diffusers(small):
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_multi_head_scale_shift_model_matches_diffusers(tmp_path):
+  """Improved DDPM's blocks: 4 heads of 16 channels, scale-shift GroupNorm."""
+  unet = make_unet(dict(SMALL_CONFIG, attention_head_dim=16,
+                        resnet_time_scale_shift="scale_shift",
+                        attn_norm_num_groups=32), seed=5)
+  params, config = convert.from_diffusers(save_unet(unet, str(tmp_path)))
+  assert config.model.num_heads == 4 and config.model.scale_shift_norm
+  assert params["mid_block_0"]["temb_proj"]["kernel"].shape == (128, 128)
+  x = random_batch(16, 2, seed=6)
+  t = np.array([3, 700], np.int32)
+  expected = diffusers_output(unet, x, t)
+  np.testing.assert_allclose(our_output(params, config, x, t), expected,
+                             atol=1e-4, rtol=0)
+  # The same weights with one head are another function: the test can fail.
+  config.model.num_heads = 1
+  assert np.abs(our_output(params, config, x, t) - expected).max() > 1e-2
+
+
 def test_cifar10_model_matches_diffusers(tmp_path):
   unet = make_unet(CIFAR10_CONFIG, seed=1)
   assert sum(p.numel() for p in unet.parameters()) == 35_746_307
@@ -196,9 +214,10 @@ def write_config_only(tmp_path, **changes):
     (dict(flip_sin_to_cos=True), "flip_sin_to_cos=True"),
     (dict(downsample_padding=1), "downsample_padding=1"),
     (dict(norm_eps=1e-5), "norm_eps=1e-05"),
-    (dict(attention_head_dim=8), "attention_head_dim=8"),
+    (dict(attention_head_dim=48), "attention_head_dim=48 .*number of heads"),
     (dict(num_class_embeds=10), "num_class_embeds=10"),
-    (dict(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift"),
+    (dict(resnet_time_scale_shift="scale_shift"), "attn_norm_num_groups=None"),
+    (dict(resnet_time_scale_shift="spatial"), "resnet_time_scale_shift"),
     (dict(up_block_types=("UpBlock2D", "AttnUpBlock2D")),
      "different resolutions"),
     (dict(down_block_types=("DownBlock2D", "SkipDownBlock2D")),

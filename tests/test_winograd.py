@@ -98,13 +98,15 @@ def test_mismatched_kernel_is_refused():
 def test_conv3x3_module_matches_flax_conv_for_both_algorithms():
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, 6)),
                   jnp.float32)
-  ref = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)))
+  ref = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)),
+                kernel_init=layers.default_init)
   params = ref.init(jax.random.key(0), x)
   trained = jax.tree.map(lambda p: p + 0.1, params)  # non-zero bias too
   want = np.asarray(ref.apply(trained, x))
   for algorithm in ("direct", "winograd"):
     mod = layers.Conv3x3(5, algorithm=algorithm)
-    # Same names, shapes and initial values as nn.Conv: checkpoints carry over.
+    # Same names, shapes and initial values as nn.Conv with the same
+    # initialiser: checkpoints carry over.
     jax.tree.map(np.testing.assert_array_equal,
                  mod.init(jax.random.key(0), x), params)
     np.testing.assert_allclose(mod.apply(trained, x), want, atol=1e-5)
