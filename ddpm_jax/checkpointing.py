@@ -278,7 +278,7 @@ def save(manager: ocp.CheckpointManager, state: ts.TrainState,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iterator: Any = None, worker_count: int = 0
+            data_iterator: Any = None, worker_count: Optional[int] = None
             ) -> tuple[ts.TrainState, Any]:
   """Restores step `step` into the shapes/shardings of `abstract_state`.
 
@@ -290,7 +290,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     data_iterator: a fresh grain iterator; its state is set from the
       checkpoint when the step holds one (a `save_pretrained` step does not).
     worker_count: the iterator's grain worker processes
-      (`config.data.worker_count`); must be the saved state's.
+      (`config.data.worker_count`), checked against the saved state's with a
+      message naming the setting; None leaves the check to grain.
   Returns:
     (state, data_iterator).
   """
@@ -307,7 +308,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   return restored[STATE_ITEM], data_iterator
 
 
-def _check_data_state(data_dir: Any, step: int, worker_count: int) -> None:
+def _check_data_state(data_dir: Any, step: int,
+                      worker_count: Optional[int]) -> None:
   """grain saves the input pipeline's position per process and per worker.
 
   The number of processes and `config.data.worker_count` must match those of
@@ -325,7 +327,7 @@ def _check_data_state(data_dir: Any, step: int, worker_count: int) -> None:
         "saved per process. Resume with the same number of processes (e.g. "
         "launch/local.sh -n N), or train into a new --workdir.")
   saved = json.loads(path.read_text()).get("worker_count")
-  if saved is not None and saved != worker_count:
+  if worker_count is not None and saved is not None and saved != worker_count:
     raise CheckpointError(
         f"Step {step} was saved with config.data.worker_count={saved}, and "
         f"this run has {worker_count}: grain saves the input pipeline's position "

@@ -147,6 +147,7 @@ class ToModelInput(grain.transforms.Map):
 
 
 def _ignore_sigint_in_worker() -> "LeaveCtrlCToTheTrainer":
+  """Unpickles `LeaveCtrlCToTheTrainer`; in a worker's main thread, ignores SIGINT."""
   if (multiprocessing.parent_process() is not None
       and threading.current_thread() is threading.main_thread()):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
