@@ -12,6 +12,7 @@ from sklearn import datasets
 
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion
+from ddpm_jax import input_pipeline
 from ddpm_jax import models
 from ddpm_jax.metrics import bpd
 from test_metrics import peer  # noqa: F401  (a fixture: torch-fidelity's Inception)
@@ -73,6 +74,21 @@ def test_evaluate_bpd_does_not_depend_on_the_batch_size(pretrained_run):
   other_seed = bpd.evaluate_bpd(config, params, batch_size=4, num_examples=12, seed=3,
                                 progress=False)
   assert abs(other_seed["vb_sum_bpd"] - small["vb_sum_bpd"]) > 1e-6
+
+
+def test_evaluate_bpd_pads_no_wider_than_the_examples(pretrained_run, monkeypatch):
+  """12 examples at --batch_size 64: one batch of 16 (8 devices), not 64 rows."""
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  asked = []
+  create = input_pipeline.create_eval_iterator
+  monkeypatch.setattr(input_pipeline, "create_eval_iterator",
+                      lambda *a, **kw: asked.append(kw["batch_size"]) or create(*a, **kw))
+  wide = bpd.evaluate_bpd(config, params, batch_size=64, num_examples=12, seed=2,
+                          progress=False)
+  narrow = bpd.evaluate_bpd(config, params, batch_size=16, num_examples=12, seed=2,
+                            progress=False)
+  assert asked == [16, 16]
+  np.testing.assert_allclose(wide["total_bpd"], narrow["total_bpd"], rtol=1e-6)
 
 
 def run_cli(*args):

@@ -77,7 +77,8 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
     params: network parameters (usually the EMA parameters).
     split: the data split ('test' by default).
     batch_size: global batch size; rounded up to a multiple of the device
-      count (padding is masked out).
+      count (padding is masked out), and capped at the examples rounded up
+      likewise.
     num_examples: the first n examples of the split (default: all of it).
     seed: example i of the split draws its noise from
       `fold_in(PRNGKey(seed), i)`, whatever the batch size or device count.
@@ -93,7 +94,10 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
   total = check_inputs(config, split=split, num_examples=num_examples)
   mesh = parallel.create_mesh()
   n_dev = mesh.devices.size
-  batch_size = math.ceil(batch_size / n_dev) * n_dev
+  # A multiple of the device count, and no wider than the examples need: each
+  # padding row would cost a whole chain of T network evaluations.
+  batch_size = min(math.ceil(batch_size / n_dev),
+                   math.ceil(total / n_dev)) * n_dev
   model = models.create_model(config)
   d = models.create_diffusion(config)
   conditional = int(config.model.num_classes) > 0
