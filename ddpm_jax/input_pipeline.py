@@ -21,11 +21,14 @@ Each host yields its local batch; the trainer assembles the global batch with
 `jax.make_array_from_process_local_data`.
 """
 import multiprocessing
+import os
 import re
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
+from absl import flags
 import grain
 import jax
 import ml_collections
@@ -146,30 +149,49 @@ class ToModelInput(grain.transforms.Map):
     return out
 
 
-def _ignore_sigint_in_worker() -> "LeaveCtrlCToTheTrainer":
-  """Unpickles `LeaveCtrlCToTheTrainer`; in a worker's main thread, ignores SIGINT."""
-  if (multiprocessing.parent_process() is not None
+def _exit_when_orphaned(trainer_pid: int) -> None:
+  """Polls the parent's pid; exits the worker once its trainer has gone."""
+  while os.getppid() == trainer_pid:
+    time.sleep(1.0)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _bind_worker_to_trainer() -> "BindWorkerToTrainer":
+  """Unpickles `BindWorkerToTrainer`; in a worker's main thread, binds it."""
+  trainer = multiprocessing.parent_process()
+  if (trainer is not None
       and threading.current_thread() is threading.main_thread()):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-  return LeaveCtrlCToTheTrainer()
+    if not any(t.name == _WATCH_THREAD for t in threading.enumerate()):
+      threading.Thread(target=_exit_when_orphaned, args=(trainer.pid,),
+                       name=_WATCH_THREAD, daemon=True).start()
+  return BindWorkerToTrainer()
 
 
-class LeaveCtrlCToTheTrainer(grain.transforms.Map):
-  """A no-op whose unpickling in a grain worker makes that worker ignore SIGINT.
+_WATCH_THREAD = "ddpm_jax-exit-when-orphaned"
 
-  A terminal's Ctrl-C reaches every process of its group. The trainer answers
-  it by saving and stopping (and then closes the workers), but each worker
-  would also raise KeyboardInterrupt and print a traceback. grain's
-  DataLoader takes no worker initialiser; a worker unpickles the pipeline's
-  operations in its main thread before it reads anything, so this
-  operation's unpickling is the worker's initialiser.
+
+class BindWorkerToTrainer(grain.transforms.Map):
+  """A no-op whose unpickling in a grain worker ties the worker to its trainer.
+
+  grain's DataLoader takes no worker initialiser; a worker unpickles the
+  pipeline's operations in its main thread before it reads anything, so this
+  operation's unpickling is the worker's initialiser. It does two things:
+    * the worker ignores SIGINT. A terminal's Ctrl-C reaches every process of
+      its group; the trainer answers it by saving and stopping (and then
+      closes the workers), but each worker would also raise
+      KeyboardInterrupt and print a traceback;
+    * the worker exits within a second of its trainer's death. grain's
+      workers do not watch their parent, so a trainer killed outright
+      (SIGKILL, the out-of-memory killer, os._exit) left them running,
+      holding memory, until killed by hand.
   """
 
   def map(self, element: Any) -> Any:
     return element
 
   def __reduce__(self):
-    return _ignore_sigint_in_worker, ()
+    return _bind_worker_to_trainer, ()
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -240,7 +262,12 @@ def create_train_iterator(
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard, shuffle=True,
       num_epochs=None, seed=int(seed))
-  operations = [LeaveCtrlCToTheTrainer()] if worker_count else []
+  operations = [BindWorkerToTrainer()] if worker_count else []
+  if worker_count and not flags.FLAGS.is_parsed():
+    # grain's worker start-up reads its absl flags, and an unparsed absl flag
+    # raises: a caller outside an absl app (a notebook, a script) got
+    # UnparsedFlagAccessError at the first batch. Their defaults are right.
+    flags.FLAGS.mark_as_parsed()
   if config.data.random_flip:
     operations.append(RandomFlip())
   operations += [grain.transforms.Batch(local_batch, drop_remainder=True),

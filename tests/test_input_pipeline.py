@@ -551,3 +551,79 @@ def test_folder_class_count_mismatch_names_empty_sub_folders(tmp_path):
   source = input_pipeline.create_source(folder_config(tmp_path, num_classes=2),
                                         "train")
   assert [int(source[i]["label"]) for i in range(2)] == [0, 1]
+
+
+_LIBRARY_WORKER_SCRIPT = """
+import os, sys, time
+import numpy as np
+if __name__ == "__main__":  # grain's workers are spawned: they re-import this.
+  from test_input_pipeline import digits_config
+  from ddpm_jax import input_pipeline
+  out = sys.argv[1]
+  batches = {}
+  for workers in (0, 1):
+    config = digits_config(random_flip=True)
+    config.data.worker_count = workers
+    it = input_pipeline.create_train_iterator(config, seed=5)
+    batches[workers] = [next(it)["image"] for _ in range(3)]
+  np.savez(out, *batches[0], *batches[1])
+  print("ready", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_workers_outside_an_absl_app_and_after_their_trainer_dies(tmp_path):
+  """A library caller (no absl app) gets worker batches equal to in-process ones;
+  killed outright (SIGKILL), its grain worker exits too.
+
+  Before: the first batch raised absl's UnparsedFlagAccessError, and the worker
+  of a killed process ran on until killed by hand.
+  """
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from test_train_cli import ROOT, _child_processes, _env  # pylint: disable=g-import-not-at-top
+  script = tmp_path / "caller.py"
+  script.write_text(_LIBRARY_WORKER_SCRIPT)
+  out = tmp_path / "batches.npz"
+  proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=ROOT,
+                          env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  try:
+    line = proc.stdout.readline()
+    assert line == "ready\n", line + proc.stdout.read()[-3000:]
+    got = np.load(out)
+    for i in range(3):
+      np.testing.assert_array_equal(got[f"arr_{i + 3}"], got[f"arr_{i}"])
+    workers = [int(pid) for pid in _child_processes(proc.pid)
+               if "resource_tracker" not in _cmdline(pid)]
+    assert workers, "no grain worker process"
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(
+      os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in workers):
+    time.sleep(0.2)
+  alive = [pid for pid in workers
+           if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
+  for pid in alive:
+    os.kill(pid, signal.SIGKILL)
+  assert not alive, f"grain workers {alive} outlived their killed parent"
+
+
+def _cmdline(pid):
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read().decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def _state(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0]
+  except OSError:
+    return "gone"
