@@ -627,3 +627,32 @@ def _state(pid):
       return f.read().rsplit(")", 1)[1].split()[0]
   except OSError:
     return "gone"
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".png", "PNG"), (".jpg", "JPEG"),
+                                         (".bmp", "BMP")])
+def test_folder_refuses_a_truncated_file_at_once(tmp_path, suffix, fmt):
+  """A partly copied file has a readable header; it failed only when its pixels
+  were read, at the first batch that held it. A complete file with data after
+  its end mark (a phone's motion photo appends a video) is still read."""
+  import io  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, fmt)
+  data = buffer.getvalue()
+  good = tmp_path / "good"
+  good.mkdir()
+  (good / f"a{suffix}").write_bytes(data)
+  trailer = bytes(np.random.default_rng(1).integers(0, 256, 5000, np.uint8))
+  (good / f"b{suffix}").write_bytes(data + trailer)
+  source = input_pipeline.create_source(folder_config(good), "train")
+  expected = reference_square(good / f"a{suffix}", 16, "RGB")
+  np.testing.assert_array_equal(source[0]["image"], expected)
+  np.testing.assert_array_equal(source[1]["image"], expected)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / f"a{suffix}").write_bytes(data)
+  (bad / f"cut{suffix}").write_bytes(data[:len(data) * 2 // 3])
+  with pytest.raises(ValueError, match=rf"cut\{suffix}.*truncated.*Remove or "
+                                       "replace it"):
+    input_pipeline.create_source(folder_config(bad), "train")

@@ -55,6 +55,39 @@ def list_images(root: str) -> list[str]:
   return sorted(paths)
 
 
+# How far from a file's end to look for its end marker: writers may pad a
+# little after it. A file that fails the look is decoded in full (below), so
+# larger trailers (phones' motion photos append a video) only cost time.
+_TAIL_BYTES = 1024
+
+
+def _may_be_truncated(file, image: Image.Image) -> bool:
+  """Whether an opened file's end lacks its format's end mark.
+
+  PNG ends with an IEND chunk and JPEG with an EOI marker (0xFFD9); a BMP
+  header declares the file's size. A partly copied or downloaded file has a
+  readable header but lacks these, and PIL would fail only when it reads the
+  pixels. One read of the last bytes; other formats (WebP's header already
+  fails when truncated) are not looked at.
+  """
+  size = file.seek(0, os.SEEK_END)
+  if image.format == "BMP":
+    file.seek(2)
+    declared = int.from_bytes(file.read(4), "little")
+    return declared == 0 or declared > size
+  end = {"PNG": b"IEND", "JPEG": b"\xff\xd9", "MPO": b"\xff\xd9"}.get(
+      image.format)
+  if end is None:
+    return False
+  file.seek(max(0, size - _TAIL_BYTES))
+  return end not in file.read()
+
+
+# What PIL raises for a damaged file (a broken PNG chunk is a SyntaxError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError,
+                  Image.DecompressionBombError)
+
+
 def _unreadable(path: str, error: Exception) -> str:
   return (f"Cannot read image file {path!r}: {error}. Remove or replace it "
           "(every file with an image extension under the folder is read).")
@@ -78,7 +111,7 @@ def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
         high = np.asarray(image).astype(np.int64) >> 8
         image = Image.fromarray(np.clip(high, 0, 255).astype(np.uint8), "L")
       image = image.convert("L" if channels == 1 else "RGB")
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+  except _DECODE_ERRORS as e:
     raise ValueError(_unreadable(path, e)) from e
   array = np.asarray(image_ops.resize_and_center_crop(image, image_size))
   return array[..., None] if channels == 1 else array
@@ -87,9 +120,10 @@ def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
 class FolderImageSource:
   """Random-access folder images: `{'image': uint8 [S, S, C], 'label': int32 []}`.
 
-  Construction lists the files and opens each one's header (not its pixels),
-  so a file PIL cannot identify fails now, with its name, rather than hours
-  into training; for 100k files this takes some seconds.
+  Construction lists the files, opens each one's header (not its pixels) and
+  looks for its end mark (decoding the pixels only of a file without one), so
+  a file PIL cannot identify, or a truncated one, fails now, with its name,
+  rather than hours into training; for 100k files this takes some seconds.
   """
 
   def __init__(self, root: str, *, image_size: int, channels: int,
@@ -128,9 +162,12 @@ class FolderImageSource:
     for path in paths:
       full = os.path.join(root, path)
       try:
-        with Image.open(full) as image:
-          image.size  # pylint: disable=pointless-statement
-      except (OSError, ValueError, Image.DecompressionBombError) as e:
+        with open(full, "rb") as file, Image.open(file) as image:
+          suspect = _may_be_truncated(file, image)
+        if suspect:
+          with Image.open(full) as image:
+            image.load()
+      except _DECODE_ERRORS as e:
         raise ValueError(_unreadable(full, e)) from e
     labels = np.zeros(len(paths), np.int32)
     if num_classes:
