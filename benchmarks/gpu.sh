@@ -23,6 +23,10 @@
 #   6. scale:   training at batch 256 and 512 with 8 steps per call (batch
 #               256 compiled in 69 s on an H200), and the 50k samples at
 #               batch 5000.
+#   7. attn:    the 50k samples (batch 2500) and training (batch 128, 8 steps
+#               per call) with model.attention_algorithm einsum, then cudnn
+#               (cuDNN's flash attention), one after the other; --smoke runs
+#               einsum only (cudnn needs a GPU).
 # Each step has its own time limit and log; JSON results and logs go to
 # OUTDIR (default gpu_results/). --budget caps the whole run (a lease's
 # minutes): each step's limit shrinks to what is left, and a step with under
@@ -30,7 +34,7 @@
 # (CPU is fine): a check of this script, not a measurement.
 set -uo pipefail
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 smoke=0
 budget=0
 out=gpu_results
@@ -53,13 +57,13 @@ while (($#)); do
 done
 for s in ${steps//,/ }; do
   case "$s" in
-    mfu|sample|mem256|peer|profile|scale) ;;
-    *) echo "error: unknown step '$s' in --steps (mfu, sample, mem256, peer, profile, scale)" >&2
+    mfu|sample|mem256|peer|profile|scale|attn) ;;
+    *) echo "error: unknown step '$s' in --steps (mfu, sample, mem256, peer, profile, scale, attn)" >&2
        exit 2 ;;
   esac
 done
 if [[ -z "${steps//,/}" ]]; then
-  echo "error: --steps needs a comma-separated list of mfu, sample, mem256, peer, profile, scale" >&2
+  echo "error: --steps needs a comma-separated list of mfu, sample, mem256, peer, profile, scale, attn" >&2
   exit 2
 fi
 mkdir -p "$out"
@@ -104,6 +108,9 @@ if ((smoke)); then
   many_steps=2  # steps per call in scale
   scale_args=(--repeats 1 --train_iters 2)
   scale_sample_args=(--num_samples 16 --batch_size 8 --measured_steps 2 --repeats 1)
+  attentions=(einsum)
+  attn_sample_args=(--num_samples 16 --batch_size 8 --measured_steps 2 --repeats 1)
+  attn_train_args=(--batch_size 4 --repeats 1 --train_iters 2 --steps_per_call 2)
 else
   mfu_args=(--batch_size 128 --repeats 3 --train_iters 20 --sample_steps 20)
   sample_args=(--num_samples 50000 --batch_size 2500 --measured_steps 20 --repeats 3)
@@ -114,6 +121,9 @@ else
   many_steps=8
   scale_args=(--repeats 3 --train_iters 16)
   scale_sample_args=(--num_samples 50000 --batch_size 5000 --measured_steps 10 --repeats 3)
+  attentions=(einsum cudnn)
+  attn_sample_args=(--num_samples 50000 --batch_size 2500 --measured_steps 10 --repeats 3)
+  attn_train_args=(--batch_size 128 --repeats 3 --train_iters 16 --steps_per_call 8)
 fi
 
 run_step() {
@@ -152,6 +162,16 @@ run_step() {
       done
       step scale_sample 200 benchmarks.sample_time --config "$cifar" --dtype bfloat16 \
         "${scale_sample_args[@]}" ;;
+    attn)
+      local a
+      for a in "${attentions[@]}"; do
+        step "attn_sample_$a" 150 benchmarks.sample_time --config "$cifar" --dtype bfloat16 \
+          --attention_algorithm "$a" "${attn_sample_args[@]}"
+      done
+      for a in "${attentions[@]}"; do
+        step "attn_train_$a" 150 benchmarks.throughput --config "$cifar" --dtype bfloat16 \
+          --peak_tflops 989 --parts train --attention_algorithm "$a" "${attn_train_args[@]}"
+      done ;;
   esac
 }
 

@@ -193,6 +193,9 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
   parser.add_argument("--ddim_steps", type=int, default=50)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  parser.add_argument("--attention_algorithm", choices=("einsum", "cudnn"), default=None,
+                      help="model.attention_algorithm (default: the config's; 'cudnn' "
+                      "needs a GPU and --dtype bfloat16)")
   parser.add_argument("--compare", choices=COMPARE, default="none")
   parser.add_argument("--torch_threads", type=int, default=None,
                       help="torch intra-op threads (default: all cores). For a one-thread "
@@ -211,6 +214,8 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
     config = measure.load_config(args.config)
     if args.dtype:
       config.model.dtype = args.dtype
+    if args.attention_algorithm:
+      config.model.attention_algorithm = args.attention_algorithm
     result = run_benchmark(config, num_samples=args.num_samples, batch_size=args.batch_size,
                            measured_steps=args.measured_steps, ddim_steps=args.ddim_steps,
                            repeats=args.repeats, compare=args.compare,

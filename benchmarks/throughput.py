@@ -458,6 +458,9 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
   parser.add_argument("--conv_algorithm", choices=("auto", "direct", "winograd"),
                       default=None, help="our 3x3 convolutions (model.conv_algorithm; "
                       "default: the config's, 'auto' = Winograd on CPU)")
+  parser.add_argument("--attention_algorithm", choices=("einsum", "cudnn"), default=None,
+                      help="model.attention_algorithm (default: the config's; 'cudnn' "
+                      "needs a GPU and --dtype bfloat16)")
   parser.add_argument("--compare", choices=COMPARE, default="none")
   parser.add_argument("--parts", default=",".join(PARTS),
                       help="what to compile and time, comma-separated subset of "
@@ -498,6 +501,8 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
       config.model.remat = True
     if args.conv_algorithm:
       config.model.conv_algorithm = args.conv_algorithm
+    if args.attention_algorithm:
+      config.model.attention_algorithm = args.attention_algorithm
     result = run_benchmark(config, batch_size=args.batch_size, repeats=args.repeats,
                            train_iters=args.train_iters, sample_steps=args.sample_steps,
                            steps_per_call=args.steps_per_call,

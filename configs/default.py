@@ -80,6 +80,10 @@ def get_config():
   # convolutions elsewhere and on GPU/TPU. 'direct' or 'winograd' force one;
   # parameters are the same either way.
   model.conv_algorithm = "auto"
+  # Attention: 'einsum' (any backend) or 'cudnn' (cuDNN's fused flash
+  # attention: an NVIDIA GPU and bfloat16/float16 compute; the attention
+  # weights never go to memory). Same parameters and function.
+  model.attention_algorithm = "einsum"
   # Improved DDPM's architecture (Nichol & Dhariwal 2021); off: DDPM's.
   model.num_heads = 1  # attention heads
   model.scale_shift_norm = False  # t scales/shifts each block's 2nd GroupNorm

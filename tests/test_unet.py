@@ -401,6 +401,66 @@ def test_multi_head_attention_matches_float64(heads):
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_cudnn_attention_is_wired_as_jax_nn_expects(heads, monkeypatch):
+  """'cudnn' hands jax.nn.dot_product_attention [B, HW, heads, D] arrays.
+
+  No GPU here: the call is redirected to jax.nn's XLA implementation (the same
+  contract), after checking that cuDNN was asked for. Both algorithms, in
+  bfloat16, match float64 to bfloat16's precision and share parameters.
+  """
+  calls = []
+  reference = jax.nn.dot_product_attention
+
+  def fake_cudnn(q, k, v, *, implementation):
+    calls.append((implementation, q.shape, q.dtype))
+    return reference(q, k, v, implementation="xla")
+
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 64)).astype(np.float32)
+  einsum = layers.AttnBlock(jnp.bfloat16, heads, "einsum")
+  cudnn = layers.AttnBlock(jnp.bfloat16, heads, "cudnn")
+  params = _randomised(einsum.init(jax.random.key(0), x)["params"], seed=heads)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+  assert jax.tree.map(np.shape, cudnn.init(jax.random.key(0), x)["params"]) == (
+      jax.tree.map(np.shape, params))
+  got = np.asarray(cudnn.apply({"params": params}, x), np.float64)
+  assert calls and all(c == ("cudnn", (2, 16, heads, 64 // heads), jnp.bfloat16)
+                       for c in calls)
+  monkeypatch.undo()
+  other = np.asarray(einsum.apply({"params": params}, x), np.float64)
+
+  b, n, c, d = 2, 16, 64, 64 // heads
+  h = _group_norm_f64(x.astype(np.float64), params["norm"]).reshape(b, n, c)
+  q, k, v = (_dense_f64(h, params[name]).reshape(b, n, heads, d) for name in "qkv")
+  logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum("bhij,bjhd->bihd", weights, v).reshape(b, n, c)
+  want = x + _dense_f64(out, params["proj_out"]).reshape(x.shape)
+  scale = np.abs(want).max()
+  for result in (got, other):
+    assert np.abs(result - want).max() < 0.03 * scale
+  # The attention's share of the output is ten times the tolerance, so the
+  # check above tells a wrongly wired attention from a right one.
+  assert np.abs(want - x).max() > 0.3 * scale
+
+
+def test_cudnn_attention_refuses_a_cpu_and_float32():
+  x = np.zeros((1, 4, 4, 32), np.float32)
+  with pytest.raises(ValueError, match="runs on an NVIDIA GPU; this backend is 'cpu'"):
+    layers.AttnBlock(jnp.bfloat16, 1, "cudnn").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"model.attention_algorithm='bogus' is not one of"):
+    models.create_model(tiny_config(attention_algorithm="bogus"))
+
+
+def test_cudnn_attention_needs_half_precision(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  x = np.zeros((1, 4, 4, 32), np.float32)
+  with pytest.raises(ValueError, match="needs bfloat16 or float16 compute.*float32"):
+    layers.AttnBlock(jnp.float32, 1, "cudnn").init(jax.random.key(0), x)
+
+
 def test_heads_change_the_function_not_the_parameters():
   x = np.random.default_rng(1).standard_normal((1, 4, 4, 64)).astype(np.float32)
   one, four = layers.AttnBlock(num_heads=1), layers.AttnBlock(num_heads=4)

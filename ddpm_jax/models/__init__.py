@@ -62,6 +62,12 @@ def create_model(config: ml_collections.ConfigDict
     raise ValueError(f"model.conv_algorithm={conv_algorithm!r} is not one of "
                      f"{layers.CONV_ALGORITHMS}")
   arch = _improved_architecture(config)
+  # Saved runs from before the key existed have none.
+  arch["attention_algorithm"] = m.get("attention_algorithm", "einsum")
+  if arch["attention_algorithm"] not in layers.ATTENTION_ALGORITHMS:
+    raise ValueError(
+        f"model.attention_algorithm={arch['attention_algorithm']!r} is not one "
+        f"of {layers.ATTENTION_ALGORITHMS}")
   if is_classifier(config):
     return _create_classifier(config, conv_algorithm, arch)
   out_ch = output_channels(config)

@@ -33,7 +33,8 @@ class Classifier(nn.Module):
     resamp_with_conv: stride-2 conv (True) or 2x2 average pool (False).
     dtype: compute dtype; parameters are float32, the logits float32.
     remat: rematerialise ResNet blocks in the backward pass to save memory.
-    conv_algorithm, num_heads, scale_shift_norm, time_scale: as in ``UNet``.
+    conv_algorithm, num_heads, attention_algorithm, scale_shift_norm,
+      time_scale: as in ``UNet``.
   """
   num_classes: int
   ch: int = 128
@@ -46,6 +47,7 @@ class Classifier(nn.Module):
   remat: bool = False
   conv_algorithm: str = "auto"
   num_heads: int = 1
+  attention_algorithm: str = "einsum"
   scale_shift_norm: bool = False
   time_scale: float = 1.0
 
@@ -73,6 +75,8 @@ class Classifier(nn.Module):
 
     resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm,
                                  scale_shift=self.scale_shift_norm)
+    attn_block = functools.partial(layers.AttnBlock, self.dtype, self.num_heads,
+                                   self.attention_algorithm)
     h = layers.Conv3x3(self.ch, self.dtype, algorithm=self.conv_algorithm,
                        name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
@@ -80,15 +84,14 @@ class Classifier(nn.Module):
         h = resblock(self.ch * mult, self.dropout, self.dtype,
                      name=f"down_{level}_block_{i}")(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock(self.dtype, self.num_heads,
-                               name=f"down_{level}_attn_{i}")(h)
+          h = attn_block(name=f"down_{level}_attn_{i}")(h)
       if level != len(self.ch_mult) - 1:
         h = layers.Downsample(self.resamp_with_conv, self.dtype,
                               name=f"down_{level}_downsample")(h)
 
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_0")(h, temb, train)
-    h = layers.AttnBlock(self.dtype, self.num_heads, name="mid_attn")(h)
+    h = attn_block(name="mid_attn")(h)
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_1")(h, temb, train)
 

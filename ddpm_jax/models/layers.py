@@ -318,6 +318,9 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+ATTENTION_ALGORITHMS = ("einsum", "cudnn")
+
+
 class AttnBlock(nn.Module):
   """Self-attention over all H*W positions, with a residual add.
 
@@ -325,32 +328,63 @@ class AttnBlock(nn.Module):
     dtype: compute dtype.
     num_heads: heads, each over C / num_heads channels (DDPM: 1; improved
       DDPM: 4); the parameters do not depend on it.
+    algorithm: 'einsum' (two products and a float32 softmax, any backend) or
+      'cudnn' (cuDNN's fused flash attention: a GPU and bfloat16/float16
+      compute; the [HW, HW] weights are never written to memory). Same
+      parameters and function.
   """
   dtype: Dtype = jnp.float32
   num_heads: int = 1
+  algorithm: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: ``[B, H, W, C]``, C divisible by num_heads; returns the same shape and dtype."""
+    if self.algorithm not in ATTENTION_ALGORITHMS:
+      raise ValueError(f"attention algorithm={self.algorithm!r} is not one of "
+                       f"{ATTENTION_ALGORITHMS}")
+    if self.algorithm == "cudnn":
+      _check_cudnn_attention(self.dtype)
     b, height, width, c = x.shape
     heads = self.num_heads
     h = group_norm(self.dtype, "norm")(x)
 
     def project(name):  # a 1x1 convolution: Dense over the channel axis
       y = nn.Dense(c, dtype=self.dtype, kernel_init=default_init, name=name)(h)
-      # [B, heads, HW, C / heads]: the batch axes leading, as XLA's CPU dot
-      # wants them (with the heads axis inside, a 4-head U-Net ran 3x slower).
-      return y.reshape(b, height * width, heads, c // heads).transpose(0, 2, 1, 3)
+      return y.reshape(b, height * width, heads, c // heads)
 
-    q, k, v = project("q"), project("k"), project("v")
-    logits = jnp.einsum("bhid,bhjd->bhij", q, k) * ((c // heads) ** -0.5)
-    # Softmax in float32: bfloat16 logits over 256+ positions lose the tail.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    h = jnp.einsum("bhij,bhjd->bhid", weights.astype(self.dtype), v)
-    h = h.transpose(0, 2, 1, 3).reshape(b, height, width, c)
+    q, k, v = project("q"), project("k"), project("v")  # [B, HW, heads, D]
+    if self.algorithm == "cudnn":
+      # jax.nn's layout; it scales the logits by D^-1/2 itself.
+      h = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    else:
+      # [B, heads, HW, D]: the batch axes leading, as XLA's CPU dot wants them
+      # (with the heads axis inside, a 4-head U-Net ran 3x slower).
+      q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
+      logits = jnp.einsum("bhid,bhjd->bhij", q, k) * ((c // heads) ** -0.5)
+      # Softmax in float32: bfloat16 logits over 256+ positions lose the tail.
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      h = jnp.einsum("bhij,bhjd->bhid", weights.astype(self.dtype), v)
+      h = h.transpose(0, 2, 1, 3)
+    h = h.reshape(b, height, width, c)
     h = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
                  name="proj_out")(h)
     return x + h
+
+
+def _check_cudnn_attention(dtype: Dtype) -> None:
+  """Raises ValueError unless cuDNN's flash attention can run here."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(
+        f"model.attention_algorithm='cudnn' runs on an NVIDIA GPU; this "
+        f"backend is {backend!r}. Use model.attention_algorithm='einsum'.")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(
+        f"model.attention_algorithm='cudnn' needs bfloat16 or float16 compute "
+        f"(cuDNN's flash attention); this model computes in "
+        f"{jnp.dtype(dtype).name}. Set model.dtype='bfloat16' or use "
+        "model.attention_algorithm='einsum'.")
 
 
 class Downsample(nn.Module):

@@ -100,6 +100,8 @@ class UNet(nn.Module):
     conv_algorithm: how stride-1 3x3 convolutions are computed (same
       parameters and function): 'auto', 'direct' or 'winograd'; see
       ``layers.winograd_tile``.
+    attention_algorithm: how attention is computed (same parameters and
+      function): 'einsum' or 'cudnn'; see ``layers.AttnBlock``.
     num_heads, scale_shift_norm, time_scale: improved DDPM's architecture
       (Nichol & Dhariwal 2021): attention heads (``layers.AttnBlock``), the
       embedding's scale and shift of each block's second GroupNorm
@@ -119,6 +121,7 @@ class UNet(nn.Module):
   remat: bool = False
   conv_algorithm: str = "auto"
   num_heads: int = 1
+  attention_algorithm: str = "einsum"
   scale_shift_norm: bool = False
   time_scale: float = 1.0
 
@@ -179,6 +182,8 @@ class UNet(nn.Module):
                              algorithm=self.conv_algorithm)
     resblock = functools.partial(resblock, conv_algorithm=self.conv_algorithm,
                                  scale_shift=self.scale_shift_norm)
+    attn_block = functools.partial(layers.AttnBlock, self.dtype, self.num_heads,
+                                   self.attention_algorithm)
     h = conv(self.ch, name="conv_in")(x)
     hs = [h]
     for level, mult in enumerate(self.ch_mult):
@@ -186,8 +191,7 @@ class UNet(nn.Module):
         h = resblock(self.ch * mult, self.dropout, self.dtype,
                      name=f"down_{level}_block_{i}")(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock(self.dtype, self.num_heads,
-                               name=f"down_{level}_attn_{i}")(h)
+          h = attn_block(name=f"down_{level}_attn_{i}")(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
         h = layers.Downsample(self.resamp_with_conv, self.dtype,
@@ -197,7 +201,7 @@ class UNet(nn.Module):
     # Middle.
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_0")(h, temb, train)
-    h = layers.AttnBlock(self.dtype, self.num_heads, name="mid_attn")(h)
+    h = attn_block(name="mid_attn")(h)
     h = resblock(h.shape[-1], self.dropout, self.dtype,
                  name="mid_block_1")(h, temb, train)
 
@@ -208,8 +212,7 @@ class UNet(nn.Module):
         h = resblock(self.ch * self.ch_mult[level], self.dropout, self.dtype,
                      name=f"up_{level}_block_{i}")(h, temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock(self.dtype, self.num_heads,
-                               name=f"up_{level}_attn_{i}")(h)
+          h = attn_block(name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = layers.Upsample(self.resamp_with_conv, self.dtype,
                             conv_algorithm=self.conv_algorithm,
