@@ -219,8 +219,19 @@ def mean_flat(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
+def _at_least_float32(x) -> jax.Array:
+  """x as float32, or wider if it is: half-precision inputs are computed in float32."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _split_output(d: GaussianDiffusion, model_output, x):
-  """Splits a learned-variance output `[..., 2C]` into (mean part, var part)."""
+  """Splits a learned-variance output `[..., 2C]` into (mean part, var part).
+
+  Both parts are float32 (or wider): a bfloat16 network's output is not used
+  at its own precision in the losses and the variance.
+  """
+  model_output = _at_least_float32(model_output)
   c = x.shape[-1]
   if d.model_var_type in LEARNED_VAR_TYPES:
     if x.ndim < 2:
@@ -421,7 +432,17 @@ def p_mean_variance(d: GaussianDiffusion, model_output, x_t, t,
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
+
+  Args:
+    mean1, logvar1, mean2, logvar2: float arrays broadcastable to one shape
+      (e.g. `[B, ...]` means and `[B, 1, ..., 1]` log-variances).
+
+  Returns:
+    The broadcast shape, float32 (or wider if an input is).
+  """
+  mean1, logvar1, mean2, logvar2 = map(_at_least_float32,
+                                       (mean1, logvar1, mean2, logvar2))
   return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) +
                 jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 

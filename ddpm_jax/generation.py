@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ddpm_jax import image_grid
+from ddpm_jax import keys
 from ddpm_jax import models
 from ddpm_jax import parallel
 from ddpm_jax import sampling
@@ -28,7 +29,6 @@ from ddpm_jax.diffusion import GaussianDiffusion
 # A chain is cut into about this many compiled chunks for the progress bar.
 _CHUNKS_PER_CHAIN = 20
 # Root seeds are uint32: PRNGKey(2**32) is PRNGKey(0) and larger ones overflow.
-MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,7 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
   if options.sampler not in sampling.SAMPLERS:
     raise ValueError(f"Unknown sampler {options.sampler!r}; choose one of "
                      f"{', '.join(sampling.SAMPLERS)}.")
-  if options.eta < 0:
-    raise ValueError(f"eta must be >= 0, got {options.eta}.")
+  sampling.check_eta(options.eta)
   if options.guidance_scale < 0 or options.classifier_scale < 0:
     raise ValueError("Guidance scales must be >= 0, got guidance_scale="
                      f"{options.guidance_scale}, classifier_scale="
@@ -80,21 +79,6 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
   if options.steps is None or str(options.steps) == str(d.num_timesteps):
     return d
   return sampling.respace(d, options.steps)[0]
-
-
-def check_seed(seed: int) -> None:
-  """Raises ValueError unless `seed` is an integer in 0..MAX_SEED.
-
-  `jax.random.PRNGKey` keeps only the low 32 bits of a seed (2**32 would
-  silently give seed 0's samples) and overflows on seeds of 64 bits or more.
-  """
-  try:
-    ok = 0 <= operator.index(seed) <= MAX_SEED
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ValueError(f"The seed must be an integer in 0..{MAX_SEED} (2**32 - 1), "
-                     f"got {seed!r}.")
 
 
 def batch_size_for(num_samples: int, batch_size: int,
@@ -113,9 +97,9 @@ def example_keys(seed: int, start: int, count: int, stream: int = 0) -> np.ndarr
 
   `stream` > 0 gives independent keys for a later stage of the same samples
   (e.g. the super-resolution stage of a cascade). `seed` must lie in
-  0..MAX_SEED (see `check_seed`).
+  0..keys.MAX_SEED (see `keys.check_seed`).
   """
-  check_seed(seed)
+  keys.check_seed(seed)
   root = jax.random.PRNGKey(seed)
   if stream:
     root = jax.random.fold_in(root, 2**31 + stream)  # no example index is that large
@@ -214,10 +198,14 @@ def check_request(config: ml_collections.ConfigDict, *, num_samples: int,
   Returns:
     The (respaced) process to sample from, as `sampling_diffusion`.
   """
-  if num_samples < 1 or batch_size < 1:
-    raise ValueError(f"num_samples ({num_samples}) and batch_size "
-                     f"({batch_size}) must be >= 1.")
-  check_seed(seed)
+  for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+    try:
+      ok = operator.index(value) >= 1
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  keys.check_seed(seed)
   num_classes = int(config.model.num_classes)
   if classifier_config is not None:
     num_classes = _check_classifier(config, classifier_config)
@@ -286,7 +274,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
     batch_size: examples per compiled batch, over all devices; capped at N
       and rounded up to a multiple of the device count (`batch_size_for`).
     options: sampler, respacing, eta, clipping.
-    seed: the root seed, 0..MAX_SEED; example i uses
+    seed: the root seed, 0..keys.MAX_SEED; example i uses
       `fold_in(PRNGKey(seed), i)`.
     labels: int `[N]` classes for a class-conditional (or classifier-guided)
       model; default: drawn uniformly per example from its key.
@@ -303,7 +291,8 @@ def generate(config: ml_collections.ConfigDict, params: Any, *,
 
   Returns:
     dict with `samples` uint8 `[N, H, W, C]` (clip, (x + 1) * 127.5, round),
-    `labels` int32 `[N]` (class-conditional models only), `seconds` and
+    `labels` int32 `[N]` (the class of each sample: class-conditional
+    models, and unconditional ones guided by a classifier), `seconds` and
     `batch_size` (the compiled batch, over all devices).
 
   Raises:

@@ -208,13 +208,13 @@ def run(argv) -> None:
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
-
   from ddpm_jax import inpainting_io  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import keys  # pylint: disable=g-import-not-at-top
 
   # The flags alone, before anything is loaded.
   if FLAGS.num_samples < 1 or FLAGS.batch_size < 1:
     raise ValueError("--num_samples and --batch_size must be >= 1.")
-  generation.check_seed(FLAGS.seed)
+  keys.check_seed(FLAGS.seed)
   _check_flag_combinations()
   _check_output_names(FLAGS.out, FLAGS.grid)
   labels = None

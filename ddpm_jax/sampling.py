@@ -57,6 +57,25 @@ def p_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
   return dict(sample=sample, pred_xstart=out["pred_xstart"])
 
 
+def check_eta(eta) -> None:
+  """Raises ValueError unless DDIM's eta lies in [0, 1] (when concrete).
+
+  Above 1 the step's noise exceeds what the marginals allow: 1 - abar_prev -
+  sigma^2 turns negative near t = 0 and its square root NaN.
+  """
+  try:
+    value = float(eta)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return  # traced: values are unknown until run time
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+        f"eta={eta} is outside [0, 1]: DDIM's noise scale runs from 0 "
+        "(deterministic) to 1 (the ancestral step's variance); above 1 the "
+        "step's variance exceeds what the process allows and the samples "
+        "turn NaN.")
+
+
 def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
                 eta: float = 0.0, clip_denoised: bool = True,
                 cond_fn: Optional[CondFn] = None) -> dict:
@@ -65,13 +84,15 @@ def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
   Args:
     x: `[B, ...]` float32; t: int32 `[B]`; rng: key(s) for the step's noise
       (unused at eta = 0).
-    eta: the noise scale: 0 deterministic, 1 the ancestral step's variance.
+    eta: the noise scale in [0, 1]: 0 deterministic, 1 the ancestral
+      step's variance (checked when concrete).
     cond_fn: classifier guidance: shifts the score, eps -= sqrt(1 - abar) *
       cond_fn(x_t, t), as in Dhariwal & Nichol 2021, Algorithm 2.
 
   Returns:
     dict with `sample` x_{t-1} and `pred_xstart`, both `[B, ...]` float32.
   """
+  check_eta(eta)
   out = diff.p_mean_variance(d, diff.call_model(d, model_fn, x, t), x, t,
                              clip_denoised=clip_denoised)
   n = x.ndim
@@ -129,7 +150,8 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
     t_start, t_end: ints with 0 <= t_end <= t_start <= T: Python ints or
       int arrays of shape (); checked when concrete (traced ones cannot be).
     sampler: 'ancestral' or 'ddim'.
-    eta: DDIM's noise scale (0: deterministic); ignored by 'ancestral'.
+    eta: DDIM's noise scale in [0, 1] (0: deterministic); ignored by
+      'ancestral'. ValueError outside [0, 1] (when concrete).
     clip_denoised: clip the predicted x_0 to [-1, 1].
     cond_fn: classifier guidance (see `classifier_guidance`).
     known, known_mask: inpainting. `known` `[B, ...]` in [-1, 1] holds the
@@ -148,6 +170,7 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
   if sampler not in SAMPLERS:
     raise ValueError(
         f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+  check_eta(eta)
   levels = {}
   for name, value in (("t_start", t_start), ("t_end", t_end)):
     if (jnp.ndim(value) != 0 or

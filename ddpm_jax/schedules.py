@@ -46,7 +46,8 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
   if name not in SCHEDULES:
     raise ValueError(
         f"Unknown beta schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
-  if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+  if (isinstance(num_timesteps, bool)  # True would be T = 1
+      or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1):
     raise ValueError(
         f"num_timesteps must be a positive integer, got {num_timesteps!r}.")
   t = int(num_timesteps)

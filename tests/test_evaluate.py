@@ -91,6 +91,15 @@ def test_evaluate_bpd_pads_no_wider_than_the_examples(pretrained_run, monkeypatc
   np.testing.assert_allclose(wide["total_bpd"], narrow["total_bpd"], rtol=1e-6)
 
 
+def test_evaluate_bpd_refuses_a_seed_that_prng_key_would_wrap(pretrained_run):
+  """PRNGKey keeps a seed's low 32 bits: 2**32 gave seed 0's numbers, saved
+  under seed 4294967296's name."""
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  for seed in (2**32, -1, 1.5):
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0\.\.4294967295"):
+      bpd.evaluate_bpd(config, params, num_examples=2, seed=seed, progress=False)
+
+
 def run_cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")

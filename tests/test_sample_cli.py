@@ -63,6 +63,21 @@ def test_generate_matches_the_sampler_and_ignores_batching(pretrained_run):
   assert len({s.tobytes() for s in a}) == 10  # every sample differs
 
 
+def test_generate_refuses_bad_counts_and_eta_before_sampling(pretrained_run):
+  """A float count ran every batch, then failed slicing; eta = 3 gave NaN
+  samples that became black uint8 images."""
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  for kwargs, message in [
+      (dict(num_samples=2.5), "num_samples must be an integer >= 1, got 2.5"),
+      (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+      (dict(options=generation.SamplerOptions(sampler="ddim", steps=5, eta=3.0)),
+       r"eta=3.0 is outside \[0, 1\]"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      generation.generate(config, params, **{"num_samples": 4, "batch_size": 4,
+                                             "progress": False, **kwargs})
+
+
 def test_cli_writes_samples_and_grid(pretrained_run, tmp_path):
   out = str(tmp_path / "s.npz")
   r = run_cli("--workdir", pretrained_run, "--num_samples", "6", "--batch_size", "4",

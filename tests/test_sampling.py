@@ -275,7 +275,8 @@ def test_rng_must_be_a_key_old_or_new_style():
       per_example, S.p_sample_loop(d, model, (2, 3),
                                    jax.random.split(jax.random.PRNGKey(7), 2)))
   for bad in (7, jnp.array([0, 7], jnp.int32), jnp.zeros((2,)),
-              jax.random.split(jax.random.PRNGKey(7), (2, 1))):
+              jax.random.split(jax.random.PRNGKey(7), (2, 1)),
+              jnp.zeros((3,), jnp.uint32), jnp.zeros((2, 3), jnp.uint32)):
     with pytest.raises(TypeError, match=r"rng must be a PRNG key.*jax\.random\.key"):
       S.p_sample_loop(d, model, (2, 3), bad)
   with pytest.raises(ValueError, match=r"typed keys of shape \(2, 1\)"):
@@ -327,3 +328,20 @@ def test_single_steps_draw_float32_noise_for_half_precision_states(dtype):
     got = step(x.astype(dtype))["sample"]
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [-0.5, 1.5])
+def test_ddim_eta_outside_0_1_is_refused(eta):
+  """Above 1, sqrt(1 - abar_prev - sigma^2) is NaN near t = 0 (the samples were
+  NaN, and generate's uint8 images black); below 0 is meaningless."""
+  d = D.GaussianDiffusion.create(schedules.get_beta_schedule("linear", 20))
+  model = lambda x, t: jnp.zeros_like(x)
+  with pytest.raises(ValueError, match=rf"eta={eta} is outside \[0, 1\]"):
+    S.ddim_sample_loop(d, model, (2, 3), jax.random.key(0), eta=eta)
+  with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+    S.ddim_sample(d, model, jnp.zeros((2, 3)), jnp.array([5, 5]),
+                  jax.random.key(0), eta=eta)
+  # The limit is real: at eta = 1.5 the step's variance is NaN at small t.
+  abar = np.cumprod(1 - np.asarray(d.betas, np.float64))
+  sigma2 = 1.5**2 * (1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])
+  assert 1 - abar[0] - sigma2 < 0

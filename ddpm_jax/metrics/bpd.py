@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ddpm_jax import diffusion
 from ddpm_jax import input_pipeline
+from ddpm_jax import keys
 from ddpm_jax import models
 from ddpm_jax import parallel
 
@@ -80,7 +81,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
       count (padding is masked out), and capped at the examples rounded up
       likewise.
     num_examples: the first n examples of the split (default: all of it).
-    seed: example i of the split draws its noise from
+    seed: 0..keys.MAX_SEED; example i of the split draws its noise from
       `fold_in(PRNGKey(seed), i)`, whatever the batch size or device count.
     progress: show a progress bar over batches.
 
@@ -88,9 +89,10 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
     dict of Python floats: `total_bpd` (mean over examples of
     L_T + L_0 + sum L_1..L_{T-1}), `prior_bpd` (L_T), `decoder_bpd` (L_0),
     `vb_sum_bpd` (sum of L_1..L_{T-1}), `vb_per_t` (list of T means),
-    `num_examples`, `seconds`; and `conditional` (True when a class-conditional
-    model was given each example's label).
+    `num_examples`, `seconds`; `conditional` (True when a class-conditional
+    model was given each example's label) and `split`.
   """
+  keys.check_seed(seed)
   total = check_inputs(config, split=split, num_examples=num_examples)
   mesh = parallel.create_mesh()
   n_dev = mesh.devices.size
