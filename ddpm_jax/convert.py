@@ -101,6 +101,26 @@ def _model_dir(path: str) -> str:
       f" (e.g. `hf download google/ddpm-cifar10-32 --local-dir DIR`)")
 
 
+def _check_is_diffusers(path: str, raw: Mapping[str, Any]) -> None:
+  """Refuses a config.json not from diffusers (e.g. a ddpm_jax run's)."""
+  if "_class_name" in raw or "block_out_channels" in raw:
+    return
+  if isinstance(raw.get("model"), dict) and isinstance(raw.get("data"), dict):
+    raise ConversionError(
+        f"{path} is a ddpm_jax run directory (its {CONFIG_FILE} has 'model' "
+        "and 'data' sections), not a diffusers UNet2DModel folder: it needs no "
+        "conversion, pass it as --workdir to sample, evaluate or train. "
+        "--diffusers takes a folder as `hf download google/ddpm-cifar10-32` "
+        f"writes it ({CONFIG_FILE} with _class_name UNet2DModel, "
+        f"{SAFETENSORS_FILE})")
+  raise ConversionError(
+      f"{path} is not a diffusers UNet2DModel folder: its {CONFIG_FILE} has "
+      "neither _class_name nor block_out_channels. Pass a folder as `hf "
+      "download google/ddpm-cifar10-32` writes it (a UNet2DModel "
+      f"{CONFIG_FILE} and {SAFETENSORS_FILE}, or a pipeline with them under "
+      "unet/)")
+
+
 def _scheduler_config(model_dir: str) -> Optional[dict[str, Any]]:
   for candidate in (os.path.join(model_dir, SCHEDULER_FILE),
                     os.path.join(model_dir, os.pardir, "scheduler",
@@ -157,6 +177,32 @@ def _require(key: str, value: Any, allowed: Any, why: str = "") -> None:
         f"U-Net (supported: {list(allowed)}){'; ' + why if why else ''}")
 
 
+def _positive_int(key: str, value: Any, example: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConversionError(
+        f"{CONFIG_FILE}: {key}={value!r} must be a positive int (e.g. "
+        f"{example})")
+  return value
+
+
+def _number(key: str, value: Any, file: str = CONFIG_FILE) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConversionError(f"{file}: {key}={value!r} must be a number")
+  return float(value)
+
+
+def _list_of(key: str, value: Any, kind: type, example: list[Any]) -> list[Any]:
+  """``value`` as a list, if it is a non-empty list of ``kind`` (ints: > 0)."""
+  if not isinstance(value, (list, tuple)) or not value or not all(
+      isinstance(v, kind) and not isinstance(v, bool)
+      and (kind is not int or v > 0) for v in value):
+    what = "positive ints" if kind is int else "block type names"
+    raise ConversionError(
+        f"{CONFIG_FILE}: {key}={value!r} must be a non-empty list of {what}, "
+        f"one per resolution (e.g. {json.dumps(example)})")
+  return list(value)
+
+
 def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   """Checks a UNet2DModel config and returns the equivalent ddpm_jax fields."""
   if raw.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -182,7 +228,8 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   _require("act_fn", cfg["act_fn"], ["silu", "swish"])
   _require("norm_num_groups", cfg["norm_num_groups"], [32])
   _require("attn_norm_num_groups", cfg["attn_norm_num_groups"], [None, 32])
-  if not math.isclose(float(cfg["norm_eps"]), 1e-6, rel_tol=1e-3):
+  if not math.isclose(_number("norm_eps", cfg["norm_eps"]), 1e-6,
+                      rel_tol=1e-3):
     _require("norm_eps", cfg["norm_eps"], [1e-6])
   _require("resnet_time_scale_shift", cfg["resnet_time_scale_shift"],
            ["default", "scale_shift"])
@@ -197,7 +244,8 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   _require("num_class_embeds", cfg["num_class_embeds"], [None],
            "class-conditional diffusers models have no 'no class' id")
 
-  channels = [int(c) for c in cfg["block_out_channels"]]
+  channels = _list_of("block_out_channels", cfg["block_out_channels"], int,
+                      [128, 256, 256, 256])
   ch = channels[0]
   if any(c % ch for c in channels):
     raise ConversionError(
@@ -207,7 +255,10 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   time_dim = cfg["time_embedding_dim"]
   _require("time_embedding_dim", time_dim, [None, 4 * ch])
 
-  down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+  down = _list_of("down_block_types", cfg["down_block_types"], str,
+                  ["DownBlock2D", "AttnDownBlock2D"])
+  up = _list_of("up_block_types", cfg["up_block_types"], str,
+                ["AttnUpBlock2D", "UpBlock2D"])
   for key, types, known in (("down_block_types", down, _DOWN_TYPES),
                             ("up_block_types", up, _UP_TYPES)):
     for block in types:
@@ -241,6 +292,7 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
   head_dim = cfg["attention_head_dim"]
   num_heads = 1
   if head_dim is not None:
+    _positive_int("attention_head_dim", head_dim, 8)
     attn_channels = {channels[i] for i, a in enumerate(down_attn) if a}
     attn_channels.add(channels[-1])  # the middle block
     heads = {c // head_dim for c in attn_channels}
@@ -252,15 +304,17 @@ def _model_config(raw: Mapping[str, Any]) -> dict[str, Any]:
           "(model.num_heads) for every attention layer")
     num_heads = heads.pop()
 
-  in_ch, out_ch = int(cfg["in_channels"]), int(cfg["out_channels"])
+  in_ch = _positive_int("in_channels", cfg["in_channels"], 3)
+  out_ch = _positive_int("out_channels", cfg["out_channels"], 3)
   if out_ch not in (in_ch, 2 * in_ch):
     raise ConversionError(
         f"{CONFIG_FILE}: out_channels={out_ch} must equal in_channels={in_ch} "
         f"(fixed variance) or 2 * in_channels (learned variance)")
+  num_res_blocks = _positive_int("layers_per_block", cfg["layers_per_block"], 2)
   return dict(image_size=size, channels=in_ch, out_channels=out_ch, ch=ch,
-              ch_mult=ch_mult, num_res_blocks=int(cfg["layers_per_block"]),
+              ch_mult=ch_mult, num_res_blocks=num_res_blocks,
               attn_resolutions=attn_resolutions,
-              dropout=float(cfg["dropout"]), num_heads=num_heads,
+              dropout=_number("dropout", cfg["dropout"]), num_heads=num_heads,
               scale_shift_norm=cfg["resnet_time_scale_shift"] == "scale_shift")
 
 
@@ -294,10 +348,17 @@ def _diffusion_config(raw: Optional[Mapping[str, Any]],
         f"{SCHEDULER_FILE}: variance_type={cfg['variance_type']!r} does not "
         f"match the network's {'2C' if learned_variance else 'C'} output "
         "channels")
-  return dict(num_timesteps=int(cfg["num_train_timesteps"]),
+  num_timesteps = cfg["num_train_timesteps"]
+  if (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
+      or num_timesteps < 1):
+    raise ConversionError(
+        f"{SCHEDULER_FILE}: num_train_timesteps={num_timesteps!r} must be a "
+        "positive int, the number of diffusion steps T (e.g. 1000)")
+  return dict(num_timesteps=num_timesteps,
               beta_schedule=_BETA_SCHEDULES[cfg["beta_schedule"]],
-              beta_start=float(cfg["beta_start"]),
-              beta_end=float(cfg["beta_end"]),
+              beta_start=_number("beta_start", cfg["beta_start"],
+                                 SCHEDULER_FILE),
+              beta_end=_number("beta_end", cfg["beta_end"], SCHEDULER_FILE),
               model_mean_type=_PREDICTION_TYPES[cfg["prediction_type"]],
               model_var_type=var_type)
 
@@ -315,6 +376,16 @@ def _full_config(model: Mapping[str, Any], diffusion: Mapping[str, Any],
       config.training.num_sample_images = 16
   else:
     config = ml_collections.ConfigDict(base_config.to_dict())
+  from ddpm_jax.data import digits  # pylint: disable=g-import-not-at-top
+  if config.data.dataset == "digits" and model["channels"] != digits.CHANNELS:
+    # The data set sets the channels; evaluation (bits/dim, FID reference
+    # statistics) would refuse the run, and evaluate takes no overrides.
+    raise ConversionError(
+        "the base config (--config) names the data set 'digits', which is "
+        f"greyscale ({digits.CHANNELS} channel), but the model has "
+        f"{model['channels']} input channels; pass a --config whose data set "
+        f"has {model['channels']}-channel images (e.g. configs/cifar10.py for "
+        "RGB)")
   config.data.image_size = model["image_size"]
   config.data.channels = model["channels"]
   config.data.num_classes = 0
@@ -330,6 +401,13 @@ def _full_config(model: Mapping[str, Any], diffusion: Mapping[str, Any],
   config.model.num_classes = 0
   for key, value in diffusion.items():
     config.diffusion[key] = value
+  # The base config's loss may not fit the source's variance (create_diffusion
+  # refuses both mismatches): improved DDPM's hybrid loss trains a learned one.
+  learned = diffusion["model_var_type"].startswith("learned")
+  if learned and config.diffusion.loss_type == "mse":
+    config.diffusion.loss_type = "hybrid"
+  elif not learned and config.diffusion.loss_type == "hybrid":
+    config.diffusion.loss_type = "mse"
   return config
 
 
@@ -479,15 +557,25 @@ def config_from_diffusers(
   Same arguments and config errors as ``from_diffusers``.
   """
   model_dir = _model_dir(path)
-  model = _model_config(_read_json(os.path.join(model_dir, CONFIG_FILE)))
-  diffusion = _diffusion_config(_scheduler_config(model_dir),
+  raw = _read_json(os.path.join(model_dir, CONFIG_FILE))
+  _check_is_diffusers(path, raw)
+  model = _model_config(raw)
+  scheduler = _scheduler_config(model_dir)
+  diffusion = _diffusion_config(scheduler,
                                 model["out_channels"] == 2 * model["channels"])
   config = _full_config(model, diffusion, base_config)
+  # The ddpm_jax-side validation, as every later tool builds them.
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   try:
-    models.create_model(config)  # the ddpm_jax-side validation
+    models.create_model(config)
   except ValueError as e:
     raise ConversionError(f"{CONFIG_FILE} gives an invalid model: {e}") from None
+  try:
+    models.create_diffusion(config)
+  except ValueError as e:
+    source = SCHEDULER_FILE if scheduler is not None else "the base config"
+    raise ConversionError(
+        f"{source} gives an invalid diffusion schedule: {e}") from None
   return config
 
 
@@ -523,6 +611,13 @@ def convert_to_workdir(
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConversionError(f"--workdir {workdir} exists and is not a directory")
+  parent = os.path.dirname(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConversionError(
+        f"--workdir {workdir}: its parent {parent} is a file, not a directory; "
+        "choose a --workdir under a directory")
   if os.path.isdir(workdir):
     held = [n for n in (checkpointing.CONFIG_FILE, checkpointing.CHECKPOINT_DIR)
             if os.path.exists(os.path.join(workdir, n))]
@@ -564,6 +659,7 @@ def main(argv) -> None:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(1)
   from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_orbax()
   flags_ = flags.FLAGS
   config = cli.exit_on_user_error(convert_to_workdir, flags_.diffusers,
                                   flags_.workdir, flags_.config,

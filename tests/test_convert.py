@@ -226,6 +226,19 @@ def write_config_only(tmp_path, **changes):
     (dict(block_out_channels=(48, 96)), "model.ch=48"),
     (dict(out_channels=4), "out_channels=4"),
     (dict(_class_name="UNet2DConditionModel"), "UNet2DModel"),
+    # Wrong types name the file, the key and the expected form.
+    (dict(block_out_channels=32),
+     r"config\.json: block_out_channels=32 must be a non-empty list of "
+     r"positive ints"),
+    (dict(block_out_channels="abc"),
+     r"config\.json: block_out_channels='abc' must be a non-empty list"),
+    (dict(block_out_channels=[32, 0]), r"block_out_channels=\[32, 0\]"),
+    (dict(down_block_types="DownBlock2D"),
+     r"down_block_types='DownBlock2D' must be a non-empty list"),
+    (dict(layers_per_block="2"), r"layers_per_block='2' must be a positive"),
+    (dict(in_channels=3.5), r"in_channels=3\.5 must be a positive int"),
+    (dict(attention_head_dim="8"), r"attention_head_dim='8' must be"),
+    (dict(norm_eps="1e-6"), r"norm_eps='1e-6' must be a number"),
 ])
 def test_unrepresentable_configs_are_refused(tmp_path, changes, match):
   directory = write_config_only(tmp_path, **changes)
@@ -254,6 +267,53 @@ def test_scheduler_errors(small, tmp_path):
     (tmp_path / convert.SCHEDULER_FILE).write_text(json.dumps(scheduler))
     with pytest.raises(convert.ConversionError, match=match):
       convert.from_diffusers(str(tmp_path))
+
+
+@pytest.mark.parametrize("scheduler, match", [
+    ({"num_train_timesteps": 0}, r"num_train_timesteps=0 must be a positive"),
+    ({"num_train_timesteps": -5}, r"num_train_timesteps=-5 must be"),
+    ({"num_train_timesteps": "1000"}, r"num_train_timesteps='1000' must be"),
+    ({"beta_end": 2.0}, r"scheduler_config\.json .*beta_end=2\.0 .*outside"),
+    ({"beta_start": 0.0}, r"scheduler_config\.json .*beta_start=0\.0"),
+    ({"beta_start": "x"}, r"scheduler_config\.json: beta_start='x' must be a"),
+])
+def test_invalid_schedules_are_refused_before_writing(tmp_path, scheduler,
+                                                      match):
+  """Every later tool builds the schedule: convert refuses what they would."""
+  directory = write_config_only(tmp_path)
+  (tmp_path / convert.SCHEDULER_FILE).write_text(json.dumps(scheduler))
+  # The config alone is refused (before any weights are read).
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.config_from_diffusers(directory)
+  with pytest.raises(convert.ConversionError, match=match):
+    convert.convert_to_workdir(directory, str(tmp_path / "out" / "run"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_ddpm_jax_run_directory_is_not_a_diffusers_folder(tmp_path):
+  # The config.json a ddpm_jax run writes (checkpointing.write_config).
+  (tmp_path / convert.CONFIG_FILE).write_text(
+      convert._default_config().to_json_best_effort(indent=2))
+  with pytest.raises(convert.ConversionError,
+                     match="is a ddpm_jax run directory.*--workdir"):
+    convert.config_from_diffusers(str(tmp_path))
+  (tmp_path / convert.CONFIG_FILE).write_text(json.dumps({"foo": 1}))
+  with pytest.raises(convert.ConversionError,
+                     match="is not a diffusers UNet2DModel folder"):
+    convert.config_from_diffusers(str(tmp_path))
+
+
+def test_digits_base_config_needs_a_greyscale_model(tmp_path):
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  directory = write_config_only(tmp_path)
+  with pytest.raises(convert.ConversionError,
+                     match=r"'digits', which is greyscale .* 3 input channels"):
+    convert.config_from_diffusers(directory, digits.get_config())
+  # A greyscale model is fine: the digits are resized to any image size.
+  directory = write_config_only(tmp_path, in_channels=1, out_channels=1)
+  config = convert.config_from_diffusers(directory, digits.get_config())
+  assert config.data.dataset == "digits" and config.data.channels == 1
+  assert config.data.image_size == 16
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -292,6 +352,8 @@ def test_cli_writes_a_run_that_loads(small, tmp_path):
   workdir = str(tmp_path / "run")
   result = run_cli("--diffusers", directory, "--workdir", workdir)
   assert result.returncode == 0, result.stderr
+  # orbax's INFO lines are silenced, as in sample/evaluate/train.
+  assert "_NonBlockingMetadataStore" not in result.stderr, result.stderr
   assert not [n for n in os.listdir(tmp_path) if n != "run"]  # no temp left
   config, params, step = checkpointing.load_params(workdir)
   assert step == 0
@@ -370,6 +432,16 @@ def test_cli_errors_exit_1_and_write_nothing(small, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
+def test_workdir_under_a_file_is_refused(tmp_path):
+  directory = write_config_only(tmp_path)
+  (tmp_path / "afile").write_text("x")
+  for workdir in (tmp_path / "afile" / "sub", tmp_path / "afile" / "a" / "b"):
+    with pytest.raises(convert.ConversionError,
+                       match=r"--workdir .*parent .*afile is a file"):
+      convert.convert_to_workdir(directory, str(workdir))
+  assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_base_config_keeps_data_and_training_fields(small):
   from configs import lsun_church256  # pylint: disable=g-import-not-at-top
   _, directory = small
@@ -380,6 +452,17 @@ def test_base_config_keeps_data_and_training_fields(small):
   assert config.data.image_size == 16
   assert tuple(config.model.ch_mult) == (1, 2)
   assert config.diffusion.model_var_type == "fixedsmall"
+
+
+def test_base_config_loss_fits_the_source_variance(tmp_path):
+  """A hybrid-loss base config with a fixed-variance source trains with mse."""
+  from configs import cifar10_improved  # pylint: disable=g-import-not-at-top
+  base = cifar10_improved.get_config()
+  assert base.diffusion.loss_type == "hybrid"
+  config = convert.config_from_diffusers(write_config_only(tmp_path), base)
+  assert config.diffusion.model_var_type == "fixedlarge"
+  assert config.diffusion.loss_type == "mse"
+  models.create_diffusion(config)
 
 
 def test_torch_bin_weights_give_the_same_params(small, tmp_path):
@@ -401,6 +484,10 @@ def test_learned_variance_model(tmp_path):
   assert not (tmp_path / "run").exists()
   params, config = convert.from_diffusers(directory)
   assert config.diffusion.model_var_type == "learned_range"
+  # The default config's 'mse' does not train a learned variance: the run
+  # gets improved DDPM's hybrid loss, which later tools accept.
+  assert config.diffusion.loss_type == "hybrid"
+  models.create_diffusion(config)
   assert models.create_model(config).out_ch == 6
   x = random_batch(16, 1, seed=4)
   t = np.array([250], np.int32)
