@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from absl import flags
 from absl import logging as absl_logging
+import ml_collections
 
 # Bad flags, configs, data, files or workdirs: the library raises these with a
 # message that says what was wrong; a traceback would only hide it.
@@ -64,7 +65,11 @@ def parse_flags(argv):
     if os.path.basename(folder) == "configs" and os.path.isfile(path):
       sys.path.insert(0, os.path.dirname(folder))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+  except SyntaxError as e:
+    print(f"error: --config {e.filename}, line {e.lineno}: {e.msg}: "
+          f"{(e.text or '').strip()}", file=sys.stderr)
+    sys.exit(1)
   except flags.Error as e:
     message = str(e)
     if "Traceback (most recent call last)" in message:
@@ -74,6 +79,11 @@ def parse_flags(argv):
     print(f"error: {message}\nPass --helpfull for the flags.", file=sys.stderr)
     sys.exit(1)
   except (AttributeError, KeyError) as e:
+    if "get_config" in str(e):
+      print(f"error: --config {' '.join(_config_paths(argv))}: the file must "
+            "define get_config() returning an ml_collections.ConfigDict "
+            "(see configs/digits.py).", file=sys.stderr)
+      sys.exit(1)
     # ml_collections raises these from a locked config for a key it lacks.
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     key = str(e.args[0]) if e.args else str(e)
@@ -87,6 +97,13 @@ def parse_flags(argv):
           "defined in configs/default.py (a locked config cannot gain keys).",
           file=sys.stderr)
     sys.exit(1)
+  config = getattr(flags.FLAGS, "config", None) if "config" in flags.FLAGS else None
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):
+    print(f"error: --config {' '.join(_config_paths(argv))}: get_config() "
+          f"returned a {type(config).__name__}; it must return an "
+          "ml_collections.ConfigDict (see configs/digits.py).", file=sys.stderr)
+    sys.exit(1)
+  return rest
 
 
 def quiet_orbax() -> None:

@@ -66,3 +66,24 @@ def test_config_flag_errors_are_one_clear_line(tmp_path):
       "error: unknown config key 'batchsize' Did you mean \"batch_size\" instead of "
       "\"batchsize\"? (in one of ['--config.training.batchsize']).")
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def get_config(:\n  pass\n",
+     r"error: --config \S+bad\.py, line 1: invalid syntax: def get_config\(:"),
+    ("X = 1\n", r"error: --config \S+bad\.py: the file must define get_config\(\)"),
+    ("def get_config():\n  return {'training': {}}\n",
+     r"error: --config \S+bad\.py: get_config\(\) returned a dict; it must return "
+     r"an ml_collections\.ConfigDict"),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, source, message):
+  """Before: a traceback (syntax, a dict) or 'unknown config key' (no get_config)."""
+  import re  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  (tmp_path / "bad.py").write_text(source)
+  r = subprocess.run([sys.executable, "-m", "ddpm_jax.train", "--config",
+                      str(tmp_path / "bad.py"), "--workdir", str(tmp_path / "run")],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and re.search(message, r.stderr), r.stderr
+  assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()

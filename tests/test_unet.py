@@ -520,3 +520,8 @@ def test_bad_architecture_options_name_the_key():
     models.create_model(tiny_config(num_heads=3))
   with pytest.raises(ValueError, match="model.num_heads must be an int >= 1"):
     models.create_model(tiny_config(num_heads=0))
+  # Checked before the head count divides them (a string was a TypeError).
+  for ch_mult in ((1, "a"), (), (1, True)):
+    with pytest.raises(ValueError, match=r"model.ch_mult must be a non-empty sequence "
+                                         r"of positive ints, e.g. \(1, 2, 2, 2\)"):
+      models.create_model(tiny_config(ch_mult=ch_mult, num_heads=2))

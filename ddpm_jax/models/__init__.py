@@ -61,21 +61,15 @@ def create_model(config: ml_collections.ConfigDict
   if conv_algorithm not in layers.CONV_ALGORITHMS:
     raise ValueError(f"model.conv_algorithm={conv_algorithm!r} is not one of "
                      f"{layers.CONV_ALGORITHMS}")
-  arch = _improved_architecture(config)
-  # Saved runs from before the key existed have none.
-  arch["attention_algorithm"] = m.get("attention_algorithm", "einsum")
-  if arch["attention_algorithm"] not in layers.ATTENTION_ALGORITHMS:
-    raise ValueError(
-        f"model.attention_algorithm={arch['attention_algorithm']!r} is not one "
-        f"of {layers.ATTENTION_ALGORITHMS}")
   if is_classifier(config):
-    return _create_classifier(config, conv_algorithm, arch)
+    return _create_classifier(config, conv_algorithm)
   out_ch = output_channels(config)
   unet.validate_hparams(
       image_size=config.data.image_size, in_ch=config.data.channels, ch=m.ch,
       out_ch=out_ch, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
       attn_resolutions=m.attn_resolutions, dropout=m.dropout,
       num_classes=m.num_classes, low_res_size=low_res_size(config))
+  arch = _block_options(config)
   return UNet(
       ch=m.ch, out_ch=out_ch, ch_mult=tuple(m.ch_mult),
       num_res_blocks=m.num_res_blocks,
@@ -85,8 +79,12 @@ def create_model(config: ml_collections.ConfigDict
       remat=m.remat, conv_algorithm=conv_algorithm, **arch)
 
 
-def _improved_architecture(config: ml_collections.ConfigDict) -> dict:
-  """UNet/Classifier fields from model.{num_heads, scale_shift_norm, rescale_timesteps}."""
+def _block_options(config: ml_collections.ConfigDict) -> dict:
+  """UNet/Classifier fields from model.{num_heads, attention_algorithm,
+  scale_shift_norm, rescale_timesteps}; ch and ch_mult already checked.
+
+  Runs saved before a key existed have none: each is read with its default.
+  """
   m = config.model
   heads = m.get("num_heads", 1)
   if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
@@ -100,14 +98,18 @@ def _improved_architecture(config: ml_collections.ConfigDict) -> dict:
   for key in ("scale_shift_norm", "rescale_timesteps"):
     if not isinstance(m.get(key, False), bool):
       raise ValueError(f"model.{key} must be True or False, got {m.get(key)!r}")
+  algorithm = m.get("attention_algorithm", "einsum")
+  if algorithm not in layers.ATTENTION_ALGORITHMS:
+    raise ValueError(f"model.attention_algorithm={algorithm!r} is not one of "
+                     f"{layers.ATTENTION_ALGORITHMS}")
   rescale = m.get("rescale_timesteps", False)
-  return dict(num_heads=heads,
+  return dict(num_heads=heads, attention_algorithm=algorithm,
               scale_shift_norm=m.get("scale_shift_norm", False),
               time_scale=1000.0 / config.diffusion.num_timesteps if rescale else 1.0)
 
 
 def _create_classifier(config: ml_collections.ConfigDict,
-                       conv_algorithm: str, arch: dict) -> Classifier:
+                       conv_algorithm: str) -> Classifier:
   m = config.model
   k = m.num_classes
   if not isinstance(k, int) or k < 2:
@@ -126,6 +128,7 @@ def _create_classifier(config: ml_collections.ConfigDict,
       image_size=config.data.image_size, in_ch=config.data.channels, ch=m.ch,
       out_ch=k, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
       attn_resolutions=m.attn_resolutions, dropout=m.dropout, num_classes=0)
+  arch = _block_options(config)
   return Classifier(
       num_classes=k, ch=m.ch, ch_mult=tuple(m.ch_mult),
       num_res_blocks=m.num_res_blocks,

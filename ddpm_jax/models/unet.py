@@ -16,6 +16,7 @@ such as bfloat16 with float32 parameters, and rematerialisation of ResNet
 blocks. With the extensions off, the parameters are exactly the paper's.
 """
 import functools
+import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -36,12 +37,17 @@ def validate_hparams(*, image_size: int, in_ch: int, ch: int, out_ch: int,
                      attn_resolutions: Sequence[int], dropout: float,
                      num_classes: int, low_res_size: int = 0) -> None:
   """Raises ValueError, naming the key, for a U-Net this code cannot build."""
-  ch_mult = tuple(ch_mult)
-  if not ch_mult or any(int(m) != m or m < 1 for m in ch_mult):
+  def positive_int(value) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and value >= 1)
+
+  if (isinstance(ch_mult, str) or not isinstance(ch_mult, Sequence)
+      or not ch_mult or not all(map(positive_int, ch_mult))):
     raise ValueError(
-        f"model.ch_mult must be a non-empty sequence of positive ints, got "
-        f"{ch_mult}")
-  if ch < 1 or ch % layers.NUM_GROUPS:
+        f"model.ch_mult must be a non-empty sequence of positive ints, e.g. "
+        f"(1, 2, 2, 2); got {ch_mult!r}")
+  ch_mult = tuple(ch_mult)
+  if not positive_int(ch) or ch % layers.NUM_GROUPS:
     raise ValueError(
         f"model.ch={ch} must be a positive multiple of {layers.NUM_GROUPS} "
         f"(GroupNorm uses {layers.NUM_GROUPS} groups), e.g. 64, 128")
