@@ -11,8 +11,10 @@ Orbax writes each step under a temporary name and renames it when complete,
 and lists only finalised steps, so a run killed mid-save resumes from the
 previous complete step.
 """
+import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 from typing import Any, Mapping, Optional
@@ -59,7 +61,12 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """Reads the config a run wrote to `workdir/config.json`."""
+  """Reads the config a run wrote to `workdir/config.json`.
+
+  Raises:
+    CheckpointError: no such file, not JSON, or it lacks a section or a key
+      that has no default (`REQUIRED_CONFIG_KEYS`).
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise CheckpointError(
@@ -72,22 +79,59 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       data = json.load(f)
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  missing = _missing_config_keys(data)
+  if missing:
+    raise CheckpointError(
+        f"{path} lacks {', '.join(missing)}: the file was edited or cut off, "
+        "and the run cannot be rebuilt without them. Put them back with the "
+        "values the run was trained with (configs/default.py lists every key); "
+        "nothing was changed.")
   return ml_collections.ConfigDict(_tuplify(data))
+
+
+# What config.json must hold: every section, and the keys that fix the model,
+# the data's shape and the diffusion, which every version of configs/default.py
+# had. Keys added later (model.num_heads, model.low_res_size, data.worker_count,
+# optim.beta1, ...) are read with defaults: runs saved before them lack them.
+REQUIRED_CONFIG_KEYS = {
+    "training": (),
+    "optim": (),
+    "data": ("dataset", "image_size", "channels", "num_classes"),
+    "diffusion": ("num_timesteps", "beta_schedule", "beta_start", "beta_end",
+                  "model_mean_type", "model_var_type", "loss_type"),
+    "model": ("name", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+              "dropout", "resamp_with_conv", "num_classes", "dtype", "remat"),
+}
+
+
+def _missing_config_keys(data: Any) -> list[str]:
+  """The sections and required keys (`REQUIRED_CONFIG_KEYS`) `data` lacks."""
+  if not isinstance(data, Mapping):
+    return ["every section (it holds no JSON object)"]
+  missing = []
+  for section, keys in REQUIRED_CONFIG_KEYS.items():
+    if not isinstance(data.get(section), Mapping):
+      missing.append(f"the {section!r} section")
+    else:
+      missing += [f"{section}.{k}" for k in keys if k not in data[section]]
+  return missing
 
 
 # Keys a resumed run may change: they set logging, checkpointing, the sample
 # grid, data loading or how the same computation is laid out, not what is
 # computed. Any other difference to the saved config.json is refused.
-# data.worker_count is free here because only a checkpoint holding grain's
-# state ties it (`_check_data_state`); a run fed by its own iterator may
-# change it.
 RESUMABLE_CHANGES = frozenset({
     "training.num_train_steps", "training.log_every_steps",
     "training.checkpoint_every_steps", "training.sample_every_steps",
     "training.num_sample_images", "training.max_to_keep",
     "training.steps_per_call", "training.shard_params", "model.remat",
-    "model.conv_algorithm", "data.data_dir", "data.worker_count",
+    "model.conv_algorithm", "model.attention_algorithm", "data.data_dir",
 })
+# Keys left out of the comparison with config.json because the restore checks
+# them against the checkpoint itself, with a message naming the value to use:
+# a checkpoint holding grain's state ties data.worker_count
+# (`_check_data_state`); a run fed by its own iterator may change it.
+_CHECKED_BY_RESTORE = frozenset({"data.worker_count"})
 
 
 def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -149,7 +193,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   defaults = None
   diffs = []
   for key in sorted(new):
-    if key in RESUMABLE_CHANGES:
+    if key in RESUMABLE_CHANGES or key in _CHECKED_BY_RESTORE:
       continue
     if key in saved:
       old = saved[key]
@@ -294,15 +338,19 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
       message naming the setting; None leaves the check to grain.
   Returns:
     (state, data_iterator).
+  Raises:
+    CheckpointError: the step cannot be read (saying how to resume from the
+      one before), or its input-pipeline state does not fit this run.
   """
   args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
   has_data = (manager.directory / str(step) / DATA_ITEM).exists()
-  if data_iterator is not None and has_data:
-    import grain  # pylint: disable=g-import-not-at-top
-    _check_data_state(manager.directory / str(step) / DATA_ITEM, step,
-                      worker_count)
-    args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  with _reading(manager, step, resume=True):
+    if data_iterator is not None and has_data:
+      import grain  # pylint: disable=g-import-not-at-top
+      _check_data_state(manager.directory / str(step) / DATA_ITEM, step,
+                        worker_count)
+      args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
   if data_iterator is not None and has_data:
     data_iterator = restored[DATA_ITEM]
   return restored[STATE_ITEM], data_iterator
@@ -342,6 +390,91 @@ def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------
+# Damaged checkpoints
+
+
+def _first_line(error: BaseException) -> str:
+  """The first line of `error`, less TensorStore's spec (a long JSON)."""
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line.split(" [tensorstore_spec=")[0].rstrip(".")
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, problem: str, *,
+             resume: bool) -> CheckpointError:
+  """The error for step `step`, which cannot be read, saying what to do.
+
+  Args:
+    manager: the run's manager.
+    step: the unreadable step.
+    problem: what is wrong, e.g. the first line of orbax's error.
+    resume: advice for `train` (move the step's folder aside; the run then
+      resumes from the step before), else for sample/evaluate (`--step N`).
+  """
+  directory = manager.directory
+  steps = sorted(manager.all_steps())
+  older = [s for s in steps if s < step]
+  folder = directory / str(step)
+  move = f"`mv {folder} {directory.parent / f'broken_step_{step}'}`"
+  if resume:
+    then = (f"resume from step {older[-1]}" if older else
+            "train from scratch in this --workdir (or use a new one)")
+    advice = f"To {then}, move its folder out of {directory}: {move}."
+  elif len(steps) > 1:
+    advice = (f"Load {'an older' if older else 'another'} step with --step N "
+              f"(existing steps: {', '.join(map(str, steps))}), or move the "
+              f"folder out of {directory} ({move}).")
+  else:
+    advice = (f"It is the only checkpoint: restore {folder} from a copy, or "
+              "train the run again.")
+  return CheckpointError(
+      f"Step {step} in {directory} could not be read: {problem}. Its files are "
+      "damaged or unreadable (cut short or removed, e.g. by a full disk or an "
+      f"interrupted copy). {advice} Nothing was deleted.")
+
+
+# TensorStore reports a file it cannot read as ValueError('CODE: ...').
+_TENSORSTORE_ERROR = re.compile(r"[A-Z][A-Z_]+: ")
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int, *, resume: bool):
+  """Turns errors reading step `step`'s files into `_damaged`'s error.
+
+  Other errors (a tree that does not match the checkpoint, ...) pass.
+  """
+  _quiet_closed_loop_reports()
+  try:
+    yield
+  except (OSError, json.JSONDecodeError) as e:
+    raise _damaged(manager, step, _first_line(e), resume=resume) from e
+  except ValueError as e:
+    if isinstance(e, CheckpointError) or not _TENSORSTORE_ERROR.match(str(e)):
+      raise
+    raise _damaged(manager, step, _first_line(e), resume=resume) from e
+
+
+def _quiet_closed_loop_reports() -> None:
+  """Drops the `Event loop is closed` reports of reads orbax abandoned.
+
+  Orbax reads a step's arrays concurrently and closes its event loop at the
+  first failure; every read still in flight then prints a traceback of
+  `RuntimeError: Event loop is closed` (as an unraisable exception), which
+  buries the real error. Installed once; other reports pass.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, "ddpm_jax_quiet", False):
+    return
+
+  def quiet(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      hook(unraisable)
+
+  quiet.ddpm_jax_quiet = True
+  sys.unraisablehook = quiet
+
+
+# ----------------------------------------------------------------------------
 # Shape checks
 
 
@@ -356,10 +489,21 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, tuple]:
   return out
 
 
-def _saved_state_tree(manager: ocp.CheckpointManager, step: int) -> Mapping[str, Any]:
-  item = manager.item_metadata(step)[STATE_ITEM]
+def _saved_state_tree(manager: ocp.CheckpointManager, step: int, *,
+                      resume: bool) -> Mapping[str, Any]:
+  """The tree of `step`'s train state (array metadata; reads no array).
+
+  Raises:
+    CheckpointError: the step has no readable train state (`_damaged`).
+  """
+  if not (manager.directory / str(step) / STATE_ITEM).exists():
+    raise _damaged(manager, step, f"it has no {STATE_ITEM}/ folder (the train "
+                   "state)", resume=resume)
+  with _reading(manager, step, resume=resume):
+    item = manager.item_metadata(step)[STATE_ITEM]
   if item is None:
-    raise CheckpointError(f"Step {step} in {manager.directory} holds no train state.")
+    raise _damaged(manager, step, f"its {STATE_ITEM}/ folder holds no train "
+                   "state orbax can read (is state/_METADATA missing?)", resume=resume)
   return getattr(item, "tree", item)
 
 
@@ -382,8 +526,12 @@ def describe_mismatch(expected: Any, saved: Any, *, limit: int = 5) -> Optional[
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
                      workdir: str = "") -> None:
-  """Raises `CheckpointError` if step `step` holds params of other shapes."""
-  saved = _saved_state_tree(manager, step)
+  """Raises `CheckpointError` if step `step` holds params of other shapes.
+
+  For resuming: an unreadable step's error says how to resume from the one
+  before.
+  """
+  saved = _saved_state_tree(manager, step, resume=True)
   diff = describe_mismatch(abstract_params, saved.get("params", {}))
   if diff:
     raise CheckpointError(
@@ -466,13 +614,14 @@ def load_params(workdir: str, *, step: Optional[int] = None, which: str = "ema",
     sharding = NamedSharding(parallel.create_mesh(), P())
   manager = create_manager(workdir, read_only=True)
   try:
-    saved = _saved_state_tree(manager, step)[keys[which]]
+    saved = _saved_state_tree(manager, step, resume=False)[keys[which]]
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), saved)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(
-            item={keys[which]: target}, restore_args={keys[which]: restore_args},
-            partial_restore=True)}))
+    with _reading(manager, step, resume=False):
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.PyTreeRestore(
+              item={keys[which]: target}, restore_args={keys[which]: restore_args},
+              partial_restore=True)}))
   finally:
     manager.close()
   return config, restored[STATE_ITEM][keys[which]], step

@@ -6,6 +6,8 @@ newest complete checkpoint in DIR. For several CPU processes pass
 --coordinator_address/--num_processes/--process_id (see launch/local.sh); on
 a TPU pod or a SLURM cluster multi-host start-up is detected automatically.
 """
+import sys
+
 from absl import app
 from absl import flags
 
@@ -27,7 +29,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments {argv[1:]} (every setting is a flag: "
+          "--config.KEY=VALUE).", file=sys.stderr)
+    sys.exit(1)
   cli.exit_on_user_error(cpu_memory.reuse_scratch)  # before JAX starts
   cli.quiet_orbax()
   # Imported after flag parsing so that `--help` is fast.

@@ -44,12 +44,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps",
                "sample_every_steps"):
     value = int(t[name])
-    if value < (0 if name == "sample_every_steps" else 1):
-      raise ValueError(f"training.{name} must be >= 1 (sample_every_steps: 0 disables), "
-                       f"got {value}.")
+    if name == "sample_every_steps" and value < 0:
+      raise ValueError(f"training.{name} must be >= 1, or 0 for no sample "
+                       f"grids; got {value}.")
+    if name != "sample_every_steps" and value < 1:
+      raise ValueError(f"training.{name} must be >= 1, got {value}.")
     if value and value % k:
       raise ValueError(f"training.{name}={value} must be a multiple of "
                        f"training.steps_per_call={k}.")
+  o = config.optim
+  for name in ("beta1", "beta2", "ema_decay"):
+    # ema_decay 1 would keep the EMA parameters, which sample, at the
+    # initialisation; Adam's betas at 1 never forget.
+    if not 0.0 <= float(o[name]) < 1.0:
+      raise ValueError(f"optim.{name} must be in [0, 1), got {o[name]}.")
+  if not float(o.eps) > 0.0:
+    raise ValueError(f"optim.eps must be > 0, got {o.eps}.")
   # orbax deletes every checkpoint, old ones included, when asked to keep 0.
   if t.max_to_keep is not None and int(t.max_to_keep) < 1:
     raise ValueError(f"training.max_to_keep must be >= 1 (None keeps every "
@@ -329,7 +339,9 @@ def train_and_evaluate(
       the ancestral sampler). A custom `data_iterator` is not checkpointed.
 
   Returns:
-    the final state (at num_train_steps, or where SIGTERM stopped it).
+    the final state (at num_train_steps, or where SIGTERM stopped it); a run
+    already at or past num_train_steps is returned as restored, and nothing
+    in `workdir` changes.
 
   Raises:
     ValueError (incl. checkpointing.CheckpointError): bad config or workdir;
@@ -387,8 +399,13 @@ def train_and_evaluate(
       logging.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), latest)
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(rng)
-    checkpointing.write_config(workdir, config)
     step = int(jax.device_get(state.step))
+    if step >= num_train_steps:
+      # Before anything is written: config.json keeps the run's step count.
+      logging.info("Step %d >= num_train_steps=%d: nothing to train; %s is "
+                   "unchanged.", step, num_train_steps, workdir)
+      return state
+    checkpointing.write_config(workdir, config)
     writer = _MetricWriter(workdir, step)
 
     step_fn = train_step_lib.make_train_step(config, model, diffusion, losses_fn)
@@ -406,9 +423,6 @@ def train_and_evaluate(
                    config.model.get("low_res_size", 0))
     sample_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # not a training key
 
-    if step >= num_train_steps:
-      logging.info("Step %d >= num_train_steps=%d: nothing to train.", step, num_train_steps)
-      return state
     save_iter = data_iterator if checkpoint_data else None
     pending = None  # (state.step before the call, device metrics) of the last call
     # The throughput window starts once the first call (compilation) is done.

@@ -1,6 +1,7 @@
 """The training loop in-process: exact resume, NaN stop, checkpoints, errors."""
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -169,6 +170,20 @@ def test_max_to_keep_below_one_is_refused_and_none_keeps_all(tmp_path):
   assert checkpointing.existing_steps(workdir) == [2, 4, 6, 8, 10]
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.ema_decay", 1.5, r"optim\.ema_decay must be in \[0, 1\), got 1\.5"),
+    ("optim.ema_decay", 1.0, r"optim\.ema_decay must be in \[0, 1\)"),
+    ("optim.beta2", -0.1, r"optim\.beta2 must be in \[0, 1\)"),
+    ("optim.eps", 0.0, r"optim\.eps must be > 0"),
+    ("training.checkpoint_every_steps", 0,
+     r"training\.checkpoint_every_steps must be >= 1, got 0\.$"),
+])
+def test_optimiser_and_interval_settings_are_checked(tmp_path, key, value, message):
+  """An EMA decay above 1 diverged (or was silently capped by the warm-up)."""
+  with pytest.raises(ValueError, match=message):
+    trainer.validate_config(_config(2, **{key: value}))
+
+
 def test_unusable_workdir_fails_before_compiling(tmp_path, monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError("compiled before checking the workdir")
@@ -218,6 +233,10 @@ def test_resume_with_another_config_is_refused_untouched(tmp_path):
                "training.seed: 0 (saved) -> 1 (new)", "new --workdir"):
     assert line in message
   assert "num_train_steps" not in message.split("Use a new")[0]
+  # The keys listed as free: data.worker_count is tied to the checkpoint.
+  free = re.search(r"Only (.*) may change on resume", message).group(1)
+  assert "training.num_train_steps" in free and "data.data_dir" in free
+  assert "worker_count" not in free
   assert _files(workdir) == before
   assert open(tmp_path / "config.json").read() == config_json
   # Logging, checkpointing and the step count may change; config.json follows.
@@ -226,6 +245,12 @@ def test_resume_with_another_config_is_refused_untouched(tmp_path):
   assert int(state.step) == 4
   saved = checkpointing.read_config(workdir)
   assert saved.training.log_every_steps == 1 and saved.training.num_train_steps == 4
+  # Fewer steps than the run has done: nothing to train, nothing written.
+  before = _files(workdir)
+  config_json = open(tmp_path / "config.json").read()
+  assert int(_train(_config(2), workdir).step) == 4
+  assert _files(workdir) == before
+  assert open(tmp_path / "config.json").read() == config_json
 
 
 def test_key_missing_from_an_old_config_counts_as_its_default(tmp_path):

@@ -1,0 +1,160 @@
+"""Damaged run directories: clear errors that say what to do, nothing deleted."""
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import types
+
+import pytest
+
+from ddpm_jax import checkpointing
+from test_train_loop import _config, _train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A 4-step run of the tiny net, checkpoints at steps 2 and 4 (copy it)."""
+  workdir = str(tmp_path_factory.mktemp("trained_run"))
+  _train(_config(4), workdir)
+  assert checkpointing.existing_steps(workdir) == [2, 4]
+  return workdir
+
+
+def _copy(run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run, workdir)
+  return workdir
+
+
+def _snapshot(path):
+  """{file: (mtime, sha1)} of everything under `path`."""
+  out = {}
+  for dp, _, fs in os.walk(path):
+    for f in fs:
+      name = os.path.join(dp, f)
+      with open(name, "rb") as fh:
+        out[name] = (os.path.getmtime(name), hashlib.sha1(fh.read()).hexdigest())
+  return out
+
+
+def test_truncated_array_data_names_the_step_and_what_to_do(trained_run, tmp_path,
+                                                            monkeypatch):
+  workdir = _copy(trained_run, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  data_files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert data_files
+  for name in data_files:
+    with open(name, "r+b") as f:
+      f.truncate(10)
+  before = _snapshot(workdir)
+  reports = []  # what Python would print as "Exception ignored ..." tracebacks
+  monkeypatch.setattr(sys, "unraisablehook", reports.append)
+
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    checkpointing.load_params(workdir)
+  message = str(e.value)
+  assert re.match(r"Step 4 in .*checkpoints could not be read: OUT_OF_RANGE: .*"
+                  r"not valid for value of size 10\. ", message), message
+  assert "--step N (existing steps: 2, 4)" in message
+  assert "Nothing was deleted." in message
+  assert "\n" not in message and "tensorstore_spec" not in message
+  assert checkpointing.load_params(workdir, step=2)[2] == 2
+
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"Step 4 in .*could not be read: OUT_OF_RANGE: .* To resume "
+                           r"from step 2, move its folder out of .*checkpoints: `mv "
+                           r".*checkpoints/4 .*broken_step_4`\. Nothing was deleted\."):
+    _train(_config(6), workdir)
+  # Orbax gave up on reads still in flight; as each ends (in TensorStore's
+  # threads, at any time) it reports "Event loop is closed": no traceback.
+  time.sleep(1)
+  for error in (RuntimeError("Event loop is closed"), RuntimeError("other")):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=error,
+                                             exc_traceback=None, err_msg=None,
+                                             object=None))
+  assert [str(r.exc_value) for r in reports] == ["other"]
+  assert _snapshot(workdir) == before
+
+  # The advice works: with the step moved aside, the run resumes from step 2.
+  shutil.move(step_dir, os.path.join(workdir, "broken_step_4"))
+  assert int(_train(_config(6), workdir).step) == 6
+  assert checkpointing.existing_steps(workdir) == [2, 4, 6]
+
+
+@pytest.mark.parametrize("removed", ["state", os.path.join("state", "_METADATA")])
+def test_step_without_its_train_state_names_the_step_and_what_to_do(
+    trained_run, tmp_path, removed):
+  workdir = _copy(trained_run, tmp_path)
+  path = os.path.join(workdir, "checkpoints", "4", removed)
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+  before = _snapshot(workdir)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"Step 4 in .*checkpoints could not be read: .*state.*"
+                           r"Load an older step with --step N \(existing steps: 2, 4\)"):
+    checkpointing.load_params(workdir)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"Step 4 in .*could not be read: .* To resume from step 2, "
+                           r"move its folder out of .*checkpoints: `mv "):
+    _train(_config(6), workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_config_json_without_a_section_or_required_key_is_refused(trained_run,
+                                                                  tmp_path):
+  workdir = _copy(trained_run, tmp_path)
+  path = os.path.join(workdir, "config.json")
+  saved = json.load(open(path))
+
+  def write(config):
+    with open(path, "w") as f:
+      json.dump(config, f)
+
+  # Keys newer than some runs are read with their defaults: still loads.
+  old = json.loads(json.dumps(saved))
+  for section, key in [("model", "num_heads"), ("model", "attention_algorithm"),
+                       ("model", "low_res_size"), ("model", "conv_algorithm"),
+                       ("data", "worker_count"), ("data", "data_dir"),
+                       ("optim", "beta1")]:
+    old[section].pop(key, None)
+  write(old)
+  assert checkpointing.load_params(workdir)[2] == 4
+
+  no_model = {k: v for k, v in saved.items() if k != "model"}
+  write(no_model)
+  before = _snapshot(workdir)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"run/config.json lacks the 'model' section: "):
+    checkpointing.load_params(workdir)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    _train(_config(6), workdir)
+  assert "config.json lacks the 'model' section" in str(e.value)
+  assert "(saved)" not in str(e.value)
+  assert _snapshot(workdir) == before
+
+  no_ch = json.loads(json.dumps(saved))
+  del no_ch["model"]["ch"], no_ch["diffusion"]["num_timesteps"]
+  write(no_ch)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"config.json lacks diffusion.num_timesteps, model.ch: "):
+    checkpointing.load_params(workdir)
+  write([saved])
+  with pytest.raises(checkpointing.CheckpointError, match="no JSON object"):
+    checkpointing.load_params(workdir)
+
+
+def test_how_the_same_function_is_computed_may_change_on_resume(tmp_path):
+  """conv_algorithm and attention_algorithm keep parameters and function; a
+  change of what is computed (here the head count) is refused."""
+  checkpointing.write_config(str(tmp_path), _config(2))
+  checkpointing.check_resume_config(
+      str(tmp_path), _config(2, **{"model.conv_algorithm": "direct",
+                                   "model.attention_algorithm": "cudnn"}))
+  with pytest.raises(checkpointing.CheckpointError, match="model.num_heads"):
+    checkpointing.check_resume_config(str(tmp_path), _config(2, **{"model.num_heads": 2}))
