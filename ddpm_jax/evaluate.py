@@ -129,6 +129,11 @@ def prepare_sample_metrics(config, metrics) -> dict:
     if ignored:
       raise ValueError(f"{', '.join(ignored)} set how samples are drawn, but "
                        f"--samples {FLAGS.samples} gives them; pass one or the other.")
+    if not os.path.isfile(FLAGS.samples):
+      raise ValueError(
+          f"--samples {FLAGS.samples}: no such file"
+          + (" (it is a directory)" if os.path.isdir(FLAGS.samples) else "")
+          + "; write one with `python -m ddpm_jax.sample --out FILE.npz`.")
     samples = m.read_npz(
         FLAGS.samples, "samples", keys=["samples"],
         hint="Write samples with `python -m ddpm_jax.sample --out FILE.npz`.")["samples"]
@@ -169,6 +174,7 @@ def prepare_sample_metrics(config, metrics) -> dict:
     raise ValueError(f"--num_reference must be in [2, {len(source)}] (the training "
                      f"split's size), got {num_reference}.")
   if "fid" in metrics or "kid" in metrics:
+    _check_directory(os.path.expanduser(FLAGS.stats_cache), "--stats_cache")
     os.makedirs(os.path.expanduser(FLAGS.stats_cache), exist_ok=True)
   weights = m.resolve_weights_path(FLAGS.inception_weights)
   setup["module"], setup["inception_params"] = m.load_inception(weights)
@@ -232,6 +238,39 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
   return result
 
 
+# Flags that only some metrics read: given without them, they would be ignored.
+_SAMPLE_FLAGS = ("num_samples", "samples", "sampler", "steps", "eta",
+                 "inception_weights", "stats_cache")
+_BPD_FLAGS = ("split", "num_examples")
+
+
+def _check_flags_apply(metrics) -> None:
+  """Refuses a flag that none of `metrics` reads (it would be silently ignored)."""
+  given = lambda names: [f"--{n}" for n in names if FLAGS[n].present]
+  if "bpd" not in metrics and given(_BPD_FLAGS):
+    raise ValueError(f"{', '.join(given(_BPD_FLAGS))} set bits/dim's data; add "
+                     "bpd to --metric or drop them.")
+  if metrics == ["bpd"] and given(_SAMPLE_FLAGS + ("num_reference",)):
+    raise ValueError(
+        f"{', '.join(given(_SAMPLE_FLAGS + ('num_reference',)))} set FID/IS/KID's "
+        "samples and weights, but --metric bpd draws no samples; add fid, is "
+        "or kid to --metric or drop them.")
+  if FLAGS["num_reference"].present and not {"fid", "kid"} & set(metrics):
+    raise ValueError("--num_reference sets FID/KID's reference statistics; the "
+                     "Inception Score has none. Add fid or kid to --metric or "
+                     "drop it.")
+  if FLAGS["eta"].present and FLAGS.sampler != "ddim":
+    raise ValueError(f"--eta is DDIM's noise scale; the {FLAGS.sampler} sampler "
+                     "has none: pass --sampler ddim, or drop --eta.")
+
+
+def _check_directory(path: str, what: str) -> None:
+  """A clear error when `path`, where results go, exists as a file."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{what} {path} is a file, not a directory; move it away "
+                     "or choose another path.")
+
+
 def run(argv) -> None:
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
@@ -243,6 +282,7 @@ def run(argv) -> None:
   if unknown:
     raise ValueError(f"Unknown metric(s) {unknown}; choose from {', '.join(METRICS)}.")
   metrics = [x for x in METRICS if x in asked]  # one order, for the file names
+  _check_flags_apply(metrics)
   if FLAGS.batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}.")
   import jax  # pylint: disable=g-import-not-at-top
@@ -262,6 +302,7 @@ def run(argv) -> None:
   if sample_wanted:
     setup = prepare_sample_metrics(config, sample_wanted)
   if writer:
+    _check_directory(eval_dir, "The results directory")
     os.makedirs(eval_dir, exist_ok=True)
     if not os.access(eval_dir, os.W_OK):
       raise ValueError(f"Cannot write the results to {eval_dir}.")

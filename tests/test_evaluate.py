@@ -199,6 +199,32 @@ def test_cli_refuses_bad_samples_and_weights_files(pretrained_run, tmp_path):
   assert "Traceback" not in r.stderr
 
 
+def test_cli_refuses_flags_no_asked_metric_reads(pretrained_run, tmp_path):
+  """Flags that would be silently ignored, and paths that are not what they must
+  be, are refused in one line (before: ignored, or a bare errno message)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  for args, message in [
+      (["--metric", "bpd", "--sampler", "ddim", "--steps", "5"],
+       "--sampler, --steps set FID/IS/KID's samples and weights, but --metric bpd"),
+      (["--metric", "is", "--num_examples", "4"], "--num_examples set bits/dim's data"),
+      (["--metric", "is", "--num_reference", "5"], "--num_reference sets FID/KID's"),
+      (["--metric", "fid", "--eta", "0.5"], "--eta is DDIM's noise scale; the ancestral"),
+      (["--metric", "fid", "--samples", str(tmp_path)], "(it is a directory)"),
+      (["--metric", "fid", "--samples", str(tmp_path / "no.npz")], "no such file"),
+      (["--metric", "fid", "--inception_weights", str(tmp_path)],
+       "(from --inception_weights / the weights_path argument) is a directory"),
+  ]:
+    r = run_cli("--workdir", pretrained_run, *args)
+    assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+    assert "Traceback" not in r.stderr and "Errno" not in r.stderr, r.stderr
+  run = tmp_path / "run"
+  shutil.copytree(pretrained_run, run, ignore=shutil.ignore_patterns("eval"))
+  (run / "eval").write_text("a file where the results go")
+  r = run_cli("--workdir", str(run), "--metric", "bpd", "--num_examples", "2")
+  assert r.returncode == 1 and "The results directory" in r.stderr, r.stderr
+  assert "is a file, not a directory" in r.stderr and "Errno" not in r.stderr
+
+
 def test_cli_inception_score_needs_two_samples_per_split(pretrained_run, tmp_path):
   few = str(tmp_path / "few.npz")
   np.savez(few, samples=np.zeros((19, 8, 8, 1), np.uint8))

@@ -373,7 +373,7 @@ def resolve_weights_path(weights_path: Optional[str] = None) -> str:
     FileNotFoundError: with where to download the file and how to point to
       it, when neither is given or the file does not exist.
   """
-  source = "the weights_path argument"
+  source = "--inception_weights / the weights_path argument"
   if not weights_path:
     weights_path = os.environ.get(WEIGHTS_ENV_VAR, "")
     source = f"${WEIGHTS_ENV_VAR}"
@@ -386,9 +386,10 @@ def resolve_weights_path(weights_path: Optional[str] = None) -> str:
   if not weights_path:
     raise FileNotFoundError(f"No FID Inception weights file given. {how}")
   if not os.path.isfile(weights_path):
+    what = "is a directory" if os.path.isdir(weights_path) else "does not exist"
     raise FileNotFoundError(
-        f"FID Inception weights file {weights_path!r} (from {source}) does not "
-        f"exist. {how}")
+        f"FID Inception weights file {weights_path!r} (from {source}) {what}. "
+        f"{how}")
   return weights_path
 
 
