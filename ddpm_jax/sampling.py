@@ -9,6 +9,7 @@ RNG: `rng` is one key for the whole batch, or a batch of keys (`[B]` typed
 keys or `[B, 2]` raw keys), one per example, so that an example's sample does
 not depend on the batch it was drawn in.
 """
+import operator
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -101,7 +102,11 @@ def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
   if cond_fn is not None:
     eps = eps - (diff.extract(d.sqrt_one_minus_alphas_cumprod, t, n) *
                  diff.call_model(d, cond_fn, x, t))
-    out["pred_xstart"] = diff.predict_xstart_from_eps(d, x, t, eps)
+    # Where abar_t = 0 (a schedule whose last beta is 1) x_t holds no trace
+    # of x_0: 1/sqrt(abar) is infinite, and the model's own x_0 is kept.
+    guided = diff.predict_xstart_from_eps(d, x, t, eps)
+    out["pred_xstart"] = jnp.where(
+        diff.extract(d.alphas_cumprod, t, n) > 0, guided, out["pred_xstart"])
   abar = diff.extract(d.alphas_cumprod, t, n)
   abar_prev = diff.extract(d.alphas_cumprod_prev, t, n)
   sigma = (eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) *
@@ -196,6 +201,17 @@ def sample_steps(d: GaussianDiffusion, model_fn: ModelFn, x, rng, t_start,
     raise ValueError("Inpainting needs both `known` and `known_mask`.")
   if known is not None and jnp.shape(known) != x.shape:
     raise ValueError(f"known has shape {jnp.shape(known)}, expected {x.shape}.")
+  if known_mask is not None and (
+      jnp.ndim(known_mask) != x.ndim
+      or any(m not in (1, s) for m, s in zip(jnp.shape(known_mask), x.shape))):
+    raise ValueError(
+        f"known_mask has shape {jnp.shape(known_mask)}; it must have x's rank "
+        f"and broadcast to x's shape {x.shape} (each axis 1 or x's size), "
+        f"e.g. {x.shape[:-1] + (1,)}.")
+  try:
+    resample = operator.index(resample)
+  except TypeError:
+    raise ValueError(f"resample must be an int, got {resample!r}.") from None
   if resample < 1 or (resample > 1 and known is None):
     raise ValueError(f"resample={resample}: must be >= 1, and > 1 only with "
                      "inpainting (`known`).")

@@ -345,3 +345,31 @@ def test_ddim_eta_outside_0_1_is_refused(eta):
   abar = np.cumprod(1 - np.asarray(d.betas, np.float64))
   sigma2 = 1.5**2 * (1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])
   assert 1 - abar[0] - sigma2 < 0
+
+
+def test_ddim_guidance_where_abar_is_zero_stays_finite():
+  """jsd's last beta is 1 (abar_T-1 = 0): the guided x_0 from eps divided by
+  sqrt(abar) = 0 made the first DDIM step NaN; the model's own x_0 is used."""
+  d = D.GaussianDiffusion.create(schedules.get_beta_schedule("jsd", 10),
+                                 model_mean_type="x0")
+  x0_model = lambda x, t: 0.5 * jnp.tanh(x)
+  cond = lambda x, t: jnp.ones_like(x)
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  step = S.ddim_sample(d, x0_model, x, jnp.full((4,), 9), jax.random.key(1),
+                       cond_fn=cond)
+  np.testing.assert_allclose(step["pred_xstart"], 0.5 * np.tanh(np.asarray(x)), rtol=1e-6)
+  out = S.sample_steps(d, x0_model, x, jax.random.key(1), 10, 0, sampler="ddim",
+                       cond_fn=cond)
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_inpainting_mask_and_resample_are_checked():
+  d = D.GaussianDiffusion.create(schedules.get_beta_schedule("linear", 5))
+  model = lambda x, t: jnp.zeros_like(x)
+  x = jnp.zeros((2, 4, 4, 1))
+  with pytest.raises(ValueError, match=r"known_mask has shape \(3, 3\); it must have x's rank"):
+    S.sample_steps(d, model, x, jax.random.key(0), 5, 0, known=x,
+                   known_mask=jnp.ones((3, 3)))
+  with pytest.raises(ValueError, match="resample must be an int, got 2.5"):
+    S.sample_steps(d, model, x, jax.random.key(0), 5, 0, known=x,
+                   known_mask=jnp.ones((2, 4, 4, 1)), resample=2.5)
