@@ -6,6 +6,13 @@ the mean over every axis but the first. Every function here is pure and works
 under `jit`, `vmap` and `grad`. A model is any callable
 `model_fn(x_t, t) -> output` returning the raw network output: `[B, ...]` with
 the data's shape, or twice the channels (last axis) for learned variances.
+Half-precision inputs are computed in float32.
+
+Errors: every function raises ValueError, naming the value and the allowed
+ones, for an unknown name, a timestep outside [0, T) (checked when concrete:
+traced values cannot be), a `t` that is not an int array `[B]`, or a shape that
+does not match the data's (nothing is broadcast); and TypeError for an `rng`
+that is not a PRNG key.
 
 This module imports no Flax and knows no config; `ddpm_jax.models` builds a
 `GaussianDiffusion` from a config.
@@ -86,6 +93,11 @@ class GaussianDiffusion:
     `ddpm_jax.sampling.respace`; leave them out otherwise. A last beta of 1
     (the `jsd` schedule) makes x_T independent of x_0, which an eps-predicting
     model cannot invert: such a schedule needs `model_mean_type` 'x0' or 'v'.
+
+    Raises:
+      ValueError: an unknown name, betas outside (0, 1] or not 1-D, a last
+        beta of 1 with eps prediction, a learned variance with the mse loss,
+        or the hybrid loss with a fixed variance.
     """
     _check_choice("model_mean_type", model_mean_type, MEAN_TYPES)
     _check_choice("model_var_type", model_var_type, VAR_TYPES)

@@ -5,6 +5,10 @@ contiguous stretch of a chain, so a command-line tool can advance a progress
 bar between compiled chunks; the per-step noise comes from `fold_in(rng, t)`,
 so a chain run in chunks equals the chain run whole.
 
+Errors: as in `ddpm_jax.diffusion` (ValueError for bad names, levels, shapes
+and options such as DDIM's eta outside [0, 1], checked when concrete;
+TypeError for an `rng` that is not a PRNG key).
+
 RNG: `rng` is one key for the whole batch, or a batch of keys (`[B]` typed
 keys or `[B, 2]` raw keys), one per example, so that an example's sample does
 not depend on the batch it was drawn in.

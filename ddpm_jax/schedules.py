@@ -42,6 +42,10 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
 
   Returns:
     float64 `[T]` array of betas in (0, 1].
+
+  Raises:
+    ValueError: an unknown name, T not a positive int, or endpoints that give
+      betas outside (0, 1].
   """
   if name not in SCHEDULES:
     raise ValueError(
