@@ -69,8 +69,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
+    what = "is a file" if os.path.isfile(workdir) else f"has no {CONFIG_FILE}"
     raise CheckpointError(
-        f"{path} does not exist: {workdir!r} is not a run directory. Make one "
+        f"{workdir!r} {what}: it is not a run directory. Make one "
         "with `python -m ddpm_jax.train --workdir DIR` (training), `python -m "
         "ddpm_jax.convert --diffusers SRC --workdir DIR` (official weights) or, "
         "from Python, `checkpointing.save_pretrained`.")

@@ -14,7 +14,9 @@ from PIL import Image
 def _read_uint8(path: str, channels: int) -> np.ndarray:
   """uint8 `[H, W, channels]` from an image file or an .npz with `image`."""
   if not os.path.isfile(path):
-    raise ValueError(f"{path} does not exist.")
+    what = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise ValueError(f"{path} {what}: pass an image file (PNG, JPEG, ...) or "
+                     "an .npz holding a uint8 'image'.")
   if path.endswith(".npz"):
     with np.load(path) as f:
       if "image" not in f.files:

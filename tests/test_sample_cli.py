@@ -173,6 +173,11 @@ def test_cli_conditional_request_errors(pretrained_run, tmp_path):
   assert r.returncode == 1 and "16x16" in r.stderr and "8x8" in r.stderr
   r = run_cli("--workdir", pretrained_run, "--mask", str(tmp_path / "big.png"))
   assert r.returncode == 1 and "both --inpaint" in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--inpaint", str(tmp_path),
+              "--mask", str(tmp_path / "big.png"))
+  assert r.returncode == 1 and f"{tmp_path} is a directory: pass an image file" in r.stderr
+  r = run_cli("--workdir", str(tmp_path / "big.png"))
+  assert r.returncode == 1 and "big.png' is a file: it is not a run directory" in r.stderr
   r = run_cli("--workdir", pretrained_run, "--classifier_workdir", pretrained_run)
   assert r.returncode == 1 and "not 'classifier'" in r.stderr
 
