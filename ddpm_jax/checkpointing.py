@@ -384,6 +384,32 @@ def _check_data_state(data_dir: Any, step: int,
         "train into a new --workdir.")
 
 
+def restore_weights(workdir: str, step: int,
+                    abstract_state: Any) -> tuple[Any, Any]:
+  """(params, ema_params) of step `step`, into `abstract_state`'s shardings.
+
+  Reads nothing else: for fine-tuning a step-0 run (convert,
+  `save_pretrained`), whose optimiser state was shaped by the config that
+  wrote it (clipping or not), and holds no training.
+
+  Raises:
+    CheckpointError: the step cannot be read (`_damaged`).
+  """
+  names = ("params", "ema_params")
+  target = {n: getattr(abstract_state, n) for n in names}
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+  manager = create_manager(workdir, read_only=True)  # reads part of a tree
+  try:
+    with _reading(manager, step, resume=True):
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.PyTreeRestore(
+              item=target, restore_args=restore_args, partial_restore=True)}))
+  finally:
+    manager.close()
+  return tuple(restored[STATE_ITEM][n] for n in names)
+
+
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

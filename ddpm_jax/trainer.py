@@ -388,7 +388,17 @@ def train_and_evaluate(
   writer = None
   try:
     latest = manager.latest_step()
-    if latest is not None:
+    if latest == 0:
+      # A step-0 run (convert, save_pretrained) holds weights, no training:
+      # any config may fine-tune it, so its optimiser state, shaped by the
+      # config that wrote it, is not read.
+      checkpointing.check_compatible(manager, latest, abstract.params, workdir)
+      params, ema_params = checkpointing.restore_weights(
+          workdir, 0, checkpointing.abstract_with_shardings(abstract, shardings))
+      state = jax.jit(init_fn, out_shardings=shardings)(rng).replace(
+          params=params, ema_params=ema_params)
+      logging.info("Fine-tuning the weights of %s (step 0).", workdir)
+    elif latest is not None:
       checkpointing.check_compatible(manager, latest, abstract.params, workdir)
       state, restored_iter = checkpointing.restore(
           manager, latest, checkpointing.abstract_with_shardings(abstract, shardings),
