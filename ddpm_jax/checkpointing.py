@@ -345,6 +345,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   """
   args = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
   has_data = (manager.directory / str(step) / DATA_ITEM).exists()
+  if data_iterator is not None and not has_data and step > 0:
+    # A fresh iterator would start the data over: not the batches an
+    # uninterrupted run sees.
+    raise _damaged(manager, step, f"it has no {DATA_ITEM}/ folder, the input "
+                   "pipeline's position (a run fed by its own data iterator "
+                   "from Python resumes only that way)", resume=True)
   with _reading(manager, step, resume=True):
     if data_iterator is not None and has_data:
       import grain  # pylint: disable=g-import-not-at-top

@@ -158,3 +158,17 @@ def test_how_the_same_function_is_computed_may_change_on_resume(tmp_path):
                                    "model.attention_algorithm": "cudnn"}))
   with pytest.raises(checkpointing.CheckpointError, match="model.num_heads"):
     checkpointing.check_resume_config(str(tmp_path), _config(2, **{"model.num_heads": 2}))
+
+
+def test_a_step_without_its_data_position_is_not_resumed_silently(trained_run, tmp_path):
+  """It resumed with a fresh data iterator: other batches than an uninterrupted
+  run's. Loading its weights for sampling still works."""
+  workdir = _copy(trained_run, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))
+  before = _snapshot(workdir)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"Step 4 in .*could not be read: it has no data/ folder.*"
+                           r"To resume from step 2, move its folder out of"):
+    _train(_config(6), workdir)
+  assert _snapshot(workdir) == before
+  assert checkpointing.load_params(workdir)[2] == 4
