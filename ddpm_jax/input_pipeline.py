@@ -29,6 +29,7 @@ import time
 from typing import Any, Iterator
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import ml_collections
@@ -256,6 +257,11 @@ def create_train_iterator(
   if len(source) < process_count:
     raise ValueError(f"The train split has {len(source)} records, fewer than "
                      f"the {process_count} processes reading it.")
+  if local_batch > len(source) // process_count:
+    logging.warning(
+        "training.batch_size=%d is larger than the train split (%d records): "
+        "each batch holds some examples twice.", config.training.batch_size,
+        len(source))
   shard = grain.sharding.ShardOptions(
       shard_index=process_index, shard_count=process_count,
       drop_remainder=True)

@@ -656,3 +656,11 @@ def test_folder_refuses_a_truncated_file_at_once(tmp_path, suffix, fmt):
   with pytest.raises(ValueError, match=rf"cut\{suffix}.*truncated.*Remove or "
                                        "replace it"):
     input_pipeline.create_source(folder_config(bad), "train")
+
+
+def test_a_batch_larger_than_the_data_is_warned_about(caplog):
+  input_pipeline.create_train_iterator(digits_config(batch_size=2000), seed=0)
+  assert "training.batch_size=2000 is larger than the train split (1500 records)" in caplog.text
+  caplog.clear()
+  input_pipeline.create_train_iterator(digits_config(batch_size=64), seed=0)
+  assert "larger than the train split" not in caplog.text
