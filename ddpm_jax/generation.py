@@ -28,7 +28,6 @@ from ddpm_jax.diffusion import GaussianDiffusion
 
 # A chain is cut into about this many compiled chunks for the progress bar.
 _CHUNKS_PER_CHAIN = 20
-# Root seeds are uint32: PRNGKey(2**32) is PRNGKey(0) and larger ones overflow.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,21 +150,22 @@ class ToModelInput(grain.transforms.Map):
     return out
 
 
-def _exit_when_orphaned(trainer_pid: int) -> None:
-  """Polls the parent's pid; exits the worker once its trainer has gone."""
-  while os.getppid() == trainer_pid:
+def _exit_when_orphaned(parent_pid: int) -> None:
+  """Polls the parent's pid; exits the worker once its parent has gone."""
+  while os.getppid() == parent_pid:
     time.sleep(1.0)
   os._exit(1)  # pylint: disable=protected-access
 
 
 def _bind_worker_to_trainer() -> "BindWorkerToTrainer":
   """Unpickles `BindWorkerToTrainer`; in a worker's main thread, binds it."""
-  trainer = multiprocessing.parent_process()
-  if (trainer is not None
+  if (multiprocessing.parent_process() is not None
       and threading.current_thread() is threading.main_thread()):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not any(t.name == _WATCH_THREAD for t in threading.enumerate()):
-      threading.Thread(target=_exit_when_orphaned, args=(trainer.pid,),
+      # The OS parent, which is the trainer (spawn) or a forkserver that
+      # lives as long as the trainer: either way it goes when the trainer does.
+      threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),),
                        name=_WATCH_THREAD, daemon=True).start()
   return BindWorkerToTrainer()
 
