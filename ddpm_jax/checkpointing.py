@@ -475,7 +475,6 @@ def _reading(manager: ocp.CheckpointManager, step: int, *, resume: bool):
 
   Other errors (a tree that does not match the checkpoint, ...) pass.
   """
-  _quiet_closed_loop_reports()
   try:
     yield
   except (OSError, json.JSONDecodeError) as e:
@@ -484,27 +483,6 @@ def _reading(manager: ocp.CheckpointManager, step: int, *, resume: bool):
     if isinstance(e, CheckpointError) or not _TENSORSTORE_ERROR.match(str(e)):
       raise
     raise _damaged(manager, step, _first_line(e), resume=resume) from e
-
-
-def _quiet_closed_loop_reports() -> None:
-  """Drops the `Event loop is closed` reports of reads orbax abandoned.
-
-  Orbax reads a step's arrays concurrently and closes its event loop at the
-  first failure; every read still in flight then prints a traceback of
-  `RuntimeError: Event loop is closed` (as an unraisable exception), which
-  buries the real error. Installed once; other reports pass.
-  """
-  hook = sys.unraisablehook
-  if getattr(hook, "ddpm_jax_quiet", False):
-    return
-
-  def quiet(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-      hook(unraisable)
-
-  quiet.ddpm_jax_quiet = True
-  sys.unraisablehook = quiet
 
 
 # ----------------------------------------------------------------------------

@@ -18,6 +18,8 @@ USER_ERRORS = (ValueError, OSError)
 # by `load_params`, and the TPU probe on machines without one.
 _EXPECTED_LOGS = ("Given directory is read only",
                   'Item "data" was found in the checkpoint, but could not be restored',
+                  # A step without state/_METADATA: CheckpointError says so.
+                  'Item "state" was found in the checkpoint, but could not be restored',
                   "Unable to initialize backend 'tpu'")
 
 
@@ -107,7 +109,11 @@ def parse_flags(argv):
 
 
 def quiet_orbax() -> None:
-  """Keeps the console for progress: orbax logs every save and restore at INFO."""
+  """Keeps the console for progress and our errors.
+
+  orbax logs every save and restore at INFO, and a failed restore leaves
+  reports of its abandoned reads (`_quiet_closed_loop_reports`).
+  """
 
   class _Filter(logging.Filter):
 
@@ -117,3 +123,26 @@ def quiet_orbax() -> None:
       return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
   absl_logging.get_absl_handler().addFilter(_Filter())
+  _quiet_closed_loop_reports()
+
+
+def _quiet_closed_loop_reports() -> None:
+  """Drops the `Event loop is closed` reports of reads orbax abandoned.
+
+  Orbax reads a step's arrays concurrently and closes its event loop at the
+  first failure; every read still in flight then prints a traceback of
+  `RuntimeError: Event loop is closed` (an unraisable exception), which
+  buries the one-line error about the damaged step. Other reports pass.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, "ddpm_jax_quiet", False):
+    return
+
+  def quiet(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError)
+            and str(error) == "Event loop is closed"):
+      hook(unraisable)
+
+  quiet.ddpm_jax_quiet = True
+  sys.unraisablehook = quiet

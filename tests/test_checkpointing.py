@@ -12,6 +12,7 @@ import types
 import pytest
 
 from ddpm_jax import checkpointing
+from ddpm_jax import cli
 from test_train_loop import _config, _train
 
 
@@ -53,6 +54,7 @@ def test_truncated_array_data_names_the_step_and_what_to_do(trained_run, tmp_pat
   before = _snapshot(workdir)
   reports = []  # what Python would print as "Exception ignored ..." tracebacks
   monkeypatch.setattr(sys, "unraisablehook", reports.append)
+  cli.quiet_orbax()  # as the commands do
 
   with pytest.raises(checkpointing.CheckpointError) as e:
     checkpointing.load_params(workdir)
