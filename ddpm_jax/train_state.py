@@ -163,8 +163,9 @@ def create_train_state(
 
   Args:
     config: the run config (reads data.*, model.*, optim.*).
-    rng: uint32 [2] key (`jax.random.PRNGKey(seed)`); split into the
-      initialisation key and the run's training key.
+    rng: `jax.random.PRNGKey(seed)` (uint32 [2]) or a typed threefry
+      `jax.random.key(seed)`, the same key; split into the initialisation
+      key and the run's training key, which the state holds raw.
     model: the Flax module; `models.create_model(config)` when None.
     params: start from these parameters instead of a random initialisation
       (fine-tuning, `checkpointing.save_pretrained`); EMA starts equal to them.
@@ -175,6 +176,9 @@ def create_train_state(
   if model is None:
     model = models.create_model(config)
   init_rng, train_rng = jax.random.split(rng)
+  if jnp.issubdtype(train_rng.dtype, jax.dtypes.prng_key):
+    # Raw uint32 [2], as `TrainState.rng` documents and checkpoints hold.
+    train_rng = jax.random.key_data(train_rng)
   if params is None:
     # Every input the model takes (labels, low-res image), so all params exist.
     kw = models.init_kwargs(config)

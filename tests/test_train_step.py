@@ -236,3 +236,20 @@ def test_label_dropout_replaces_labels_with_no_class_id():
   dropped = y == 10
   assert 10 < dropped.sum() < 54  # ~ Binomial(64, 0.5)
   np.testing.assert_array_equal(y[~dropped], batch["label"][~dropped])
+
+
+def test_a_typed_key_gives_the_raw_keys_state(tmp_path):
+  """jax.random.key(0) and PRNGKey(0) are one threefry key: the same state, and
+  `rng` is stored raw (uint32 [2]) either way, as checkpoints hold it."""
+  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  config = _config()
+  raw = ts.create_train_state(config, jax.random.PRNGKey(0), TinyNet())
+  typed = ts.create_train_state(config, jax.random.key(0), TinyNet())
+  assert typed.rng.dtype == jnp.uint32 and typed.rng.shape == (2,)
+  for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(typed)):
+    np.testing.assert_array_equal(a, b)
+  manager = checkpointing.create_manager(str(tmp_path))
+  checkpointing.save(manager, typed)
+  manager.wait_until_finished()
+  manager.close()
+  assert checkpointing.existing_steps(str(tmp_path)) == [0]
