@@ -402,18 +402,35 @@ def restore_weights(workdir: str, step: int,
     CheckpointError: the step cannot be read (`_damaged`).
   """
   names = ("params", "ema_params")
-  target = {n: getattr(abstract_state, n) for n in names}
-  restore_args = jax.tree.map(
-      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-  manager = create_manager(workdir, read_only=True)  # reads part of a tree
+  manager = create_manager(workdir, read_only=True)
   try:
-    with _reading(manager, step, resume=True):
-      restored = manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.PyTreeRestore(
-              item=target, restore_args=restore_args, partial_restore=True)}))
+    restored = _restore_part(
+        manager, step, {n: getattr(abstract_state, n) for n in names},
+        resume=True)
   finally:
     manager.close()
-  return tuple(restored[STATE_ITEM][n] for n in names)
+  return tuple(restored[n] for n in names)
+
+
+def _restore_part(manager: ocp.CheckpointManager, step: int,
+                  target: Mapping[str, Any], *, resume: bool) -> dict[str, Any]:
+  """The subtrees of step `step`'s train state that `target` names.
+
+  Args:
+    manager: a read-only manager (`create_manager(..., read_only=True)`):
+      its handlers restore part of a tree.
+    step: the step.
+    target: {name: tree of `jax.ShapeDtypeStruct`s with `.sharding`}, e.g.
+      {'ema_params': ...}; nothing else is read.
+    resume: the advice of `_damaged` if the step cannot be read.
+  """
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+  with _reading(manager, step, resume=resume):
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)}))
+  return restored[STATE_ITEM]
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -626,13 +643,9 @@ def load_params(workdir: str, *, step: Optional[int] = None, which: str = "ema",
   manager = create_manager(workdir, read_only=True)
   try:
     saved = _saved_state_tree(manager, step, resume=False)[keys[which]]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), saved)
-    with _reading(manager, step, resume=False):
-      restored = manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.PyTreeRestore(
-              item={keys[which]: target}, restore_args={keys[which]: restore_args},
-              partial_restore=True)}))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
+    restored = _restore_part(manager, step, {keys[which]: target}, resume=False)
   finally:
     manager.close()
-  return config, restored[STATE_ITEM][keys[which]], step
+  return config, restored[keys[which]], step

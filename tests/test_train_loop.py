@@ -267,17 +267,22 @@ def test_key_missing_from_an_old_config_counts_as_its_default(tmp_path):
   assert int(_train(_config(4, **{"optim.ema_warmup": False}), workdir).step) == 4
 
 
-def test_step_zero_run_fine_tunes_with_another_config(tmp_path):
-  """A converted (save_pretrained) run holds no training yet: any config."""
-  from ddpm_jax import train_state as ts
-  workdir = str(tmp_path)
-  config = _config(2)
-  state = ts.create_train_state(config, jax.random.PRNGKey(0), TinyNet())
+def _save_step_zero(workdir, config, state):
+  """A step-0 run as convert and save_pretrained write it: config.json + state."""
   checkpointing.write_config(workdir, config)
   manager = checkpointing.create_manager(workdir)
   checkpointing.save(manager, state)
   manager.wait_until_finished()
   manager.close()
+
+
+def test_step_zero_run_fine_tunes_with_another_config(tmp_path):
+  """A converted (save_pretrained) run holds no training yet: any config."""
+  from ddpm_jax import train_state as ts
+  workdir = str(tmp_path)
+  config = _config(2)
+  _save_step_zero(workdir, config,
+                  ts.create_train_state(config, jax.random.PRNGKey(0), TinyNet()))
   tuned = _config(2, **{"optim.lr": 2e-5, "training.batch_size": 8})
   assert int(_train(tuned, workdir).step) == 2
   assert checkpointing.read_config(workdir).optim.lr == 2e-5
@@ -291,11 +296,7 @@ def test_step_zero_weights_fine_tune_without_clipping(tmp_path):
   workdir = str(tmp_path)
   config = _config(2)
   saved = ts.create_train_state(config, jax.random.PRNGKey(123), TinyNet())
-  checkpointing.write_config(workdir, config)
-  manager = checkpointing.create_manager(workdir)
-  checkpointing.save(manager, saved)
-  manager.wait_until_finished()
-  manager.close()
+  _save_step_zero(workdir, config, saved)
   tuned = _config(2, **{"optim.grad_clip": 0.0})
   state = _train(tuned, workdir)
   assert int(state.step) == 2

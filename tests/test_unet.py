@@ -383,6 +383,19 @@ def _randomised(params, seed):
       lambda p: (0.3 * rng.standard_normal(p.shape)).astype(np.float32), params)
 
 
+def _attention_f64(x, params, heads):
+  """AttnBlock's output in float64 numpy: x `[B, H, W, C]`, its parameters."""
+  b, height, width, c = x.shape
+  n, d = height * width, c // heads
+  h = _group_norm_f64(x.astype(np.float64), params["norm"]).reshape(b, n, c)
+  q, k, v = (_dense_f64(h, params[name]).reshape(b, n, heads, d) for name in "qkv")
+  logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum("bhij,bjhd->bihd", weights, v).reshape(b, n, c)
+  return x + _dense_f64(out, params["proj_out"]).reshape(x.shape)
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 def test_multi_head_attention_matches_float64(heads):
   x = np.random.default_rng(0).standard_normal((2, 4, 4, 64)).astype(np.float32)
@@ -390,14 +403,7 @@ def test_multi_head_attention_matches_float64(heads):
   params = _randomised(block.init(jax.random.key(0), x)["params"], seed=heads)
   got = jax.jit(block.apply)({"params": params}, x)
 
-  b, n, c, d = 2, 16, 64, 64 // heads
-  h = _group_norm_f64(x.astype(np.float64), params["norm"]).reshape(b, n, c)
-  q, k, v = (_dense_f64(h, params[name]).reshape(b, n, heads, d) for name in "qkv")
-  logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  out = np.einsum("bhij,bjhd->bihd", weights, v).reshape(b, n, c)
-  want = x + _dense_f64(out, params["proj_out"]).reshape(x.shape)
+  want = _attention_f64(x, params, heads)
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
 
@@ -430,14 +436,7 @@ def test_cudnn_attention_is_wired_as_jax_nn_expects(heads, monkeypatch):
   monkeypatch.undo()
   other = np.asarray(einsum.apply({"params": params}, x), np.float64)
 
-  b, n, c, d = 2, 16, 64, 64 // heads
-  h = _group_norm_f64(x.astype(np.float64), params["norm"]).reshape(b, n, c)
-  q, k, v = (_dense_f64(h, params[name]).reshape(b, n, heads, d) for name in "qkv")
-  logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(d)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  out = np.einsum("bhij,bjhd->bihd", weights, v).reshape(b, n, c)
-  want = x + _dense_f64(out, params["proj_out"]).reshape(x.shape)
+  want = _attention_f64(x, params, heads)
   scale = np.abs(want).max()
   for result in (got, other):
     assert np.abs(result - want).max() < 0.03 * scale
