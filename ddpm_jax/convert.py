@@ -374,6 +374,11 @@ def _full_config(model: Mapping[str, Any], diffusion: Mapping[str, Any],
       config.optim.lr = 2e-5
       config.training.batch_size = 64
       config.training.num_sample_images = 16
+    if model["channels"] == 1:
+      # The default data set (CIFAR-10) is RGB; the built-in greyscale one
+      # (resized to any image size) lets evaluate and fine-tuning run.
+      config.data.dataset = "digits"
+      config.data.random_flip = False  # digits are not mirror-symmetric
   else:
     config = ml_collections.ConfigDict(base_config.to_dict())
   from ddpm_jax.data import digits  # pylint: disable=g-import-not-at-top
@@ -530,7 +535,8 @@ def from_diffusers(
     base_config: the config whose data/training/optim fields the result
       keeps (e.g. configs/lsun_church256.py, to name the dataset for
       evaluation); default configs/default.py (with the 256x256 fine-tuning
-      lr and batch size for images of 128 pixels and more). Its model and
+      lr and batch size for images of 128 pixels and more, and the built-in
+      greyscale ``digits`` data set for a 1-channel model). Its model and
       diffusion fields are replaced by the source's.
 
   Returns:

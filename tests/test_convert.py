@@ -316,6 +316,19 @@ def test_digits_base_config_needs_a_greyscale_model(tmp_path):
   assert config.data.image_size == 16
 
 
+def test_default_config_names_a_data_set_of_the_model_channels(tmp_path):
+  # Without --config a greyscale model gets the built-in greyscale data set
+  # (CIFAR-10 is RGB: evaluate and fine-tuning would refuse the run).
+  (tmp_path / "grey").mkdir()
+  (tmp_path / "rgb").mkdir()
+  grey = convert.config_from_diffusers(
+      write_config_only(tmp_path / "grey", in_channels=1, out_channels=1))
+  assert (grey.data.dataset, grey.data.channels) == ("digits", 1)
+  assert not grey.data.random_flip
+  rgb = convert.config_from_diffusers(write_config_only(tmp_path / "rgb"))
+  assert (rgb.data.dataset, rgb.data.channels) == ("cifar10", 3)
+
+
 @pytest.mark.parametrize("edit, match", [
     ("shape", r"conv_in\.weight"),
     ("missing", r"mid_block\.attentions\.0\.to_k\.bias"),
