@@ -1,4 +1,4 @@
-"""Time to draw N samples: 1000 ancestral steps and DDIM-50, optionally vs diffusers.
+r"""Time to draw N samples: 1000 ancestral steps and DDIM-50, optionally vs diffusers.
 
   python -m benchmarks.sample_time --config configs/cifar10.py --num_samples 8 \
       --batch_size 8 --measured_steps 20 --compare diffusers

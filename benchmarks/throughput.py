@@ -1,4 +1,4 @@
-"""Training and sampling throughput of ddpm_jax, optionally against diffusers.
+r"""Training and sampling throughput of ddpm_jax, optionally against diffusers.
 
   python -m benchmarks.throughput --config configs/cifar10.py --batch_size 8 \
       --compare diffusers [--repeats 5] [--json out.json]

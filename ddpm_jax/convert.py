@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Mapping, Optional
 
 import ml_collections
@@ -54,6 +55,8 @@ _SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
     "beta_schedule": "linear", "trained_betas": None,
     "variance_type": "fixed_small", "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False, "clip_sample": True,
+    "clip_sample_range": 1.0, "thresholding": False,
 }
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quad",
                    "squaredcos_cap_v2": "cosine"}
@@ -70,6 +73,10 @@ _OLD_ATTN_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value",
 
 class ConversionError(ValueError):
   """The source cannot be converted (missing files, unsupported config, shapes)."""
+
+
+class ConversionWarning(UserWarning):
+  """The converted run samples differently from the source's diffusers pipeline."""
 
 
 # ----------------------------------------------------------------------------
@@ -338,6 +345,7 @@ def _diffusion_config(raw: Optional[Mapping[str, Any]],
           f"{list(allowed)})")
 
   require("trained_betas", [None])
+  require("rescale_betas_zero_snr", [False])
   require("beta_schedule", _BETA_SCHEDULES)
   require("prediction_type", _PREDICTION_TYPES)
   # DDIM/PNDM scheduler configs carry no variance_type: DDPM's default then.
@@ -348,6 +356,19 @@ def _diffusion_config(raw: Optional[Mapping[str, Any]],
         f"{SCHEDULER_FILE}: variance_type={cfg['variance_type']!r} does not "
         f"match the network's {'2C' if learned_variance else 'C'} output "
         "channels")
+  # How diffusers' pipelines clip x_0 is a sampling choice, not part of the
+  # model: the run still converts, but its samples will differ.
+  clipping = {k: cfg[k] for k in ("clip_sample", "clip_sample_range",
+                                  "thresholding")
+              if cfg[k] != _SCHEDULER_DEFAULTS[k]}
+  if clipping:
+    warnings.warn(
+        f"{SCHEDULER_FILE}: "
+        + ", ".join(f"{k}={v!r}" for k, v in clipping.items())
+        + ": ddpm_jax's samplers clip the predicted x_0 to [-1, 1] at every "
+        "step, so the converted run's samples differ from diffusers' "
+        "pipeline (JAX code can pass clip_denoised=False to the samplers)",
+        ConversionWarning, stacklevel=2)
   num_timesteps = cfg["num_train_timesteps"]
   if (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
       or num_timesteps < 1):
@@ -667,9 +688,16 @@ def main(argv) -> None:
   from ddpm_jax import cli  # pylint: disable=g-import-not-at-top
   cli.quiet_orbax()
   flags_ = flags.FLAGS
-  config = cli.exit_on_user_error(convert_to_workdir, flags_.diffusers,
-                                  flags_.workdir, flags_.config,
-                                  flags_.variance)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", ConversionWarning)
+    config = cli.exit_on_user_error(convert_to_workdir, flags_.diffusers,
+                                    flags_.workdir, flags_.config,
+                                    flags_.variance)
+  for w in caught:  # ours as one line; any other as Python shows it
+    if issubclass(w.category, ConversionWarning):
+      print(f"warning: {w.message}", file=sys.stderr)
+    else:
+      warnings.showwarning(w.message, w.category, w.filename, w.lineno)
   m, d = config.model, config.diffusion
   print(f"Wrote {flags_.workdir}: {config.data.image_size}x"
         f"{config.data.image_size}x{config.data.channels}, ch={m.ch} "

@@ -1,4 +1,4 @@
-"""Evaluate a run: test-set bits/dim, and FID / IS / KID of its samples.
+r"""Evaluate a run: test-set bits/dim, and FID / IS / KID of its samples.
 
   python -m ddpm_jax.evaluate --workdir DIR --metric bpd [--split test] [--num_examples N]
   python -m ddpm_jax.evaluate --workdir DIR --metric fid,is,kid --num_samples 50000 \

@@ -3,21 +3,27 @@
 Images are PNG/JPEG/... files (or an .npz holding a uint8 `image`), and must
 already have the model's size: resizing would invent the very pixels the
 model is asked to keep. Masks are greyscale images: white (>= 128) marks the
-pixels to keep, black the pixels to fill.
+pixels to keep, black the pixels to fill; a mask with transparent pixels is
+refused, as its transparency would be ignored.
 """
 import os
 
 import numpy as np
 from PIL import Image
 
+from ddpm_jax.data import image_ops
 
-def _read_uint8(path: str, channels: int) -> np.ndarray:
-  """uint8 `[H, W, channels]` from an image file or an .npz with `image`."""
+
+def _read_uint8(path: str, channels: int, opaque: bool = False) -> np.ndarray:
+  """uint8 `[H, W, channels]` from an image file or an .npz with `image`.
+
+  `opaque`: refuse an image with transparent pixels.
+  """
   if not os.path.isfile(path):
     what = "is a directory" if os.path.isdir(path) else "does not exist"
     raise ValueError(f"{path} {what}: pass an image file (PNG, JPEG, ...) or "
                      "an .npz holding a uint8 'image'.")
-  if path.endswith(".npz"):
+  if path.lower().endswith(".npz"):
     with np.load(path) as f:
       if "image" not in f.files:
         raise ValueError(f"{path} has no 'image' array (it has {f.files}).")
@@ -28,7 +34,13 @@ def _read_uint8(path: str, channels: int) -> np.ndarray:
     return image
   try:
     with Image.open(path) as im:
-      image = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+      if opaque and im.has_transparency_data and (
+          np.asarray(im.convert("RGBA"))[..., 3].min() < 255):
+        raise ValueError(
+            f"The mask {path} has transparent pixels, but masks are read as "
+            "greyscale (white = keep, black = fill) and transparency is "
+            "ignored: save it without an alpha channel.")
+      image = np.asarray(image_ops.upright_with_channels(im, channels))
   except OSError as e:
     raise ValueError(f"Cannot read image {path}: {e}") from None
   return image.reshape(image.shape[:2] + (channels,))
@@ -47,7 +59,7 @@ def load_inpainting(image_path: str, mask_path: str, image_size: int,
         f"The image {image_path} is {image.shape[1]}x{image.shape[0]} but the "
         f"model makes {image_size}x{image_size} images; give an image of that "
         "size (or use --outpaint for a smaller one).")
-  mask = _read_uint8(mask_path, 1)
+  mask = _read_uint8(mask_path, 1, opaque=True)
   if mask.shape[:2] != (image_size, image_size):
     raise ValueError(
         f"The mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, the model's "
@@ -56,6 +68,10 @@ def load_inpainting(image_path: str, mask_path: str, image_size: int,
   if keep.min() == 1.0:
     raise ValueError(f"The mask {mask_path} keeps every pixel: nothing to fill "
                      "(black marks the pixels to fill).")
+  if keep.max() == 0.0:
+    raise ValueError(f"The mask {mask_path} keeps no pixel: nothing is known "
+                     "(white marks the pixels to keep); for unconditional "
+                     "samples leave out --inpaint and --mask.")
   return _to_model_range(image), keep
 
 

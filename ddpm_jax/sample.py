@@ -1,12 +1,13 @@
-"""Draw samples from a run: `python -m ddpm_jax.sample --workdir DIR --out samples.npz`.
+r"""Draw samples from a run: `python -m ddpm_jax.sample --workdir DIR --out samples.npz`.
 
 Loads the newest (or `--step`) checkpoint of a training run or of a converted
 official model, and writes `samples` (uint8 [N, H, W, C], the FID protocol:
 clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
-an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_seed{S}.npz`,
-with `_eta{E}`, `_raw` or `_cond{hash}` before `_seed` for DDIM's eta, the raw
-parameters or conditioning), plus a PNG grid of the first samples beside it.
-The output only replaces an existing file once it is complete. Example:
+an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_n{N}_seed{S}.npz`,
+with `_strided` or `_sections{a-b-c}`, `_eta{E}`, `_raw` or `_cond{hash}`
+before `_n` for the choice of the K steps, DDIM's eta, the raw parameters or
+conditioning), plus a PNG grid of the first samples beside it. The output
+only replaces an existing file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
       --sampler ddim --steps 50 --out runs/digits/samples.npz
@@ -104,14 +105,31 @@ _CONDITIONING_FLAGS = ("class_label", "guidance_scale", "classifier_workdir",
 _IMAGE_FLAGS = ("inpaint", "mask", "outpaint")
 
 
-def _default_out(step: int, num_steps: int) -> str:
-  """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_eta{E}][_raw][_cond{H}]_seed{S}.npz`.
+def _spacing_tag(d, num_timesteps: int) -> str:
+  """'' when `d` keeps K evenly spread steps of T, else how `--steps` chose them.
+
+  `--steps 20`, `ddim20` and `5,10,5` all run 20 steps but different ones.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  kept = np.asarray(d.timestep_map).tolist()
+  if kept == sampling.space_timesteps(num_timesteps, len(kept)):
+    return ""
+  spec = FLAGS.steps.replace(" ", "")
+  if spec.startswith("ddim"):
+    return "_strided"
+  return "_sections" + spec.replace(",", "-")
+
+
+def _default_out(step: int, d, num_timesteps: int) -> str:
+  """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_strided|_sections{a-b-c}][_eta{E}][_raw][_cond{H}]_n{num}_seed{S}.npz`.
 
   Named by what the samples depend on, so that different requests keep
-  different files (and never the trainer's own `samples/step_N.png`). `H`:
-  8 hex digits of a hash of the conditioning flags given.
+  different files (and never the trainer's own `samples/step_N.png`). `K`:
+  the steps run; `H`: 8 hex digits of a hash of the conditioning flags given.
   """
-  name = f"sample_step{step}_{FLAGS.sampler}{num_steps}"
+  name = (f"sample_step{step}_{FLAGS.sampler}{d.num_timesteps}"
+          f"{_spacing_tag(d, num_timesteps)}")
   if FLAGS.sampler == "ddim" and FLAGS.eta:
     name += f"_eta{FLAGS.eta:g}"
   if FLAGS.params == "raw":
@@ -128,7 +146,8 @@ def _default_out(step: int, num_steps: int) -> str:
   if conditioning:
     digest = hashlib.sha256(json.dumps(conditioning, sort_keys=True).encode())
     name += f"_cond{digest.hexdigest()[:8]}"
-  return os.path.join(FLAGS.workdir, "samples", f"{name}_seed{FLAGS.seed}.npz")
+  return os.path.join(FLAGS.workdir, "samples",
+                      f"{name}_n{FLAGS.num_samples}_seed{FLAGS.seed}.npz")
 
 
 def _check_output_names(out: str | None, grid: str | None) -> None:
@@ -261,7 +280,7 @@ def run(argv) -> None:
   upsampler = None
   if FLAGS.upsampler_workdir:
     upsampler = _load_upsampler(config, FLAGS.num_samples)
-  out = FLAGS.out or _default_out(step, d.num_timesteps)
+  out = FLAGS.out or _default_out(step, d, config.diffusion.num_timesteps)
   grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
   if grid != "none" and (
       os.path.realpath(out) == os.path.realpath(grid) or (

@@ -1,8 +1,10 @@
 """Tests of ddpm_jax.convert against the real diffusers UNet2DModel (peer implementation)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +265,9 @@ def test_scheduler_errors(small, tmp_path):
                                        "rb").read())
   for scheduler, match in [({"variance_type": "learned_range"}, "2C|C output"),
                            ({"beta_schedule": "sigmoid"}, "beta_schedule"),
-                           ({"trained_betas": [0.1, 0.2]}, "trained_betas")]:
+                           ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
+                           ({"rescale_betas_zero_snr": True},
+                            "rescale_betas_zero_snr=True is not supported")]:
     (tmp_path / convert.SCHEDULER_FILE).write_text(json.dumps(scheduler))
     with pytest.raises(convert.ConversionError, match=match):
       convert.from_diffusers(str(tmp_path))
@@ -288,6 +292,23 @@ def test_invalid_schedules_are_refused_before_writing(tmp_path, scheduler,
   with pytest.raises(convert.ConversionError, match=match):
     convert.convert_to_workdir(directory, str(tmp_path / "out" / "run"))
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheduler", [
+    {"clip_sample": False}, {"clip_sample_range": 2.0}, {"thresholding": True}])
+def test_other_clipping_converts_with_a_warning(tmp_path, scheduler):
+  directory = write_config_only(tmp_path)
+  (tmp_path / convert.SCHEDULER_FILE).write_text(json.dumps(scheduler))
+  (key, value), = scheduler.items()
+  with pytest.warns(convert.ConversionWarning,
+                    match=rf"{key}={value!r}: ddpm_jax's samplers clip"):
+    convert.config_from_diffusers(directory)
+  # diffusers' defaults (the official google/ddpm-* schedulers) warn of nothing.
+  (tmp_path / convert.SCHEDULER_FILE).write_text(json.dumps(
+      {"clip_sample": True, "clip_sample_range": 1.0, "thresholding": False}))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    convert.config_from_diffusers(directory)
 
 
 def test_ddpm_jax_run_directory_is_not_a_diffusers_folder(tmp_path):
@@ -406,6 +427,21 @@ def test_cli_writes_a_run_that_loads(small, tmp_path):
   with pytest.raises(convert.ConversionError, match="already holds"):
     convert.convert_to_workdir(directory, workdir)
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_cli_prints_the_clipping_warning_as_one_line(small, tmp_path):
+  _, directory = small
+  source = tmp_path / "source"
+  shutil.copytree(directory, source)
+  scheduler = json.loads((source / convert.SCHEDULER_FILE).read_text())
+  (source / convert.SCHEDULER_FILE).write_text(
+      json.dumps(dict(scheduler, clip_sample=False)))
+  result = run_cli("--diffusers", str(source), "--workdir", str(tmp_path / "run"))
+  assert result.returncode == 0, result.stderr
+  warning, = [line for line in result.stderr.splitlines() if "clip" in line]
+  assert warning.startswith("warning: scheduler_config.json: clip_sample=False: "
+                            "ddpm_jax's samplers clip"), result.stderr
+  assert "warnings.warn" not in result.stderr
 
 
 def test_cli_runs_from_another_directory(small, tmp_path):

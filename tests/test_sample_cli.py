@@ -306,9 +306,9 @@ def test_cli_default_output_is_named_by_its_contents(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "in batches of 2 on 2 device(s)" in r.stdout  # not the default 64
   assert trainer_grid.read_bytes() == b"trainer"
-  name = workdir / "samples" / "sample_step0_ddim5_seed7"
+  name = workdir / "samples" / "sample_step0_ddim5_sections4-1_n2_seed7"
   assert sorted(os.listdir(workdir / "samples")) == [
-      "sample_step0_ddim5_seed7.npz", "sample_step0_ddim5_seed7.png", "step_0.png"]
+      f"{name.name}.npz", f"{name.name}.png", "step_0.png"]
   samples = np.load(f"{name}.npz")["samples"]
   assert_images_close(samples, reference_samples(
       config, params, seed=7, n=2, steps="4,1", sampler="ddim"))
@@ -335,13 +335,35 @@ def test_cli_default_names_keep_different_requests_apart(tmp_path):
                 "--grid", "none", *request)
     assert r.returncode == 0, r.stderr
   names = sorted(os.listdir(workdir / "samples"))
-  assert len(names) == 3 and names[2] == "sample_step0_ddim5_eta0.5_raw_seed0.npz", names
-  assert all(re.fullmatch(r"sample_step0_ancestral5_cond[0-9a-f]{8}_seed0\.npz", n)
+  assert len(names) == 3 and names[2] == "sample_step0_ddim5_eta0.5_raw_n1_seed0.npz", names
+  assert all(re.fullmatch(r"sample_step0_ancestral5_cond[0-9a-f]{8}_n1_seed0\.npz", n)
              for n in names[:2]), names
   # One file per image: their known halves are the two images.
   known = sorted(int(np.load(workdir / "samples" / n)["samples"][0, :, :4].mean())
                  for n in names[:2])
   assert known == [0, 60]
+
+
+def test_cli_default_names_tell_the_steps_and_count_apart(tmp_path):
+  """Requests running the same number K of different steps, or another
+  number of samples, keep their own files; K evenly spread steps have one name."""
+  workdir = tmp_path / "run"
+  config = tiny_config()  # T = 20
+  checkpointing.save_pretrained(str(workdir), config, random_params(config))
+  for steps, n in [("4", 1), ("ddim4", 1), ("3,1", 1), ("1,3", 1), ("4", 2)]:
+    r = run_cli("--workdir", str(workdir), "--num_samples", str(n), "--steps",
+                steps, "--grid", "none")
+    assert r.returncode == 0, r.stderr
+  prefix = "sample_step0_ancestral4"
+  assert sorted(os.listdir(workdir / "samples")) == sorted([
+      f"{prefix}_n1_seed0.npz", f"{prefix}_strided_n1_seed0.npz",
+      f"{prefix}_sections3-1_n1_seed0.npz", f"{prefix}_sections1-3_n1_seed0.npz",
+      f"{prefix}_n2_seed0.npz"])
+  # 20 evenly spread steps of T = 20 are all of them: the same as no --steps.
+  r = run_cli("--workdir", str(workdir), "--num_samples", "1", "--steps",
+              "ddim20", "--grid", "none")
+  assert r.returncode == 0, r.stderr
+  assert os.path.exists(workdir / "samples" / "sample_step0_ancestral20_n1_seed0.npz")
 
 
 def test_cli_request_errors_come_before_sampling_and_create_nothing(

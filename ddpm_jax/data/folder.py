@@ -14,7 +14,7 @@ import hashlib
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ddpm_jax.data import image_ops
 
@@ -101,16 +101,7 @@ def read_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """
   try:
     with Image.open(path) as image:
-      # Phone photos store their rotation in EXIF; apply it so that the
-      # picture is upright as a viewer shows it.
-      image = ImageOps.exif_transpose(image)
-      if image.mode.startswith("I"):
-        # 16-bit greyscale PNG ('I;16', or 'I' from older Pillow):
-        # convert('L') clips at 255, turning the picture white. Keep the
-        # high byte, as PIL does itself for 16-bit RGB and grey+alpha PNGs.
-        high = np.asarray(image).astype(np.int64) >> 8
-        image = Image.fromarray(np.clip(high, 0, 255).astype(np.uint8), "L")
-      image = image.convert("L" if channels == 1 else "RGB")
+      image = image_ops.upright_with_channels(image, channels)
   except _DECODE_ERRORS as e:
     raise ValueError(_unreadable(path, e)) from e
   array = np.asarray(image_ops.resize_and_center_crop(image, image_size))

@@ -1,10 +1,26 @@
-"""Image geometry shared by every data source: resize and centre-crop.
+"""Image reading and geometry shared by every image source.
 
-One function so that digits, tfds and folder images are all brought to the
-model's square resolution the same way.
+One function each, so that digits, tfds, folder and inpainting images are all
+read and brought to the model's square resolution the same way.
 """
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
+
+
+def upright_with_channels(image: Image.Image, channels: int) -> Image.Image:
+  """A decoded file as a viewer shows it, in mode 'L' (channels 1) or 'RGB'.
+
+  Applies the EXIF rotation of phone photos. A 16-bit greyscale PNG ('I;16',
+  or 'I' from older Pillow) keeps its high byte, as PIL does itself for 16-bit
+  RGB and grey+alpha PNGs: `convert('L')` would clip it at 255, turning the
+  picture white. Transparency is dropped (the colour under it is kept).
+  """
+  image = ImageOps.exif_transpose(image)
+  if image.mode.startswith("I"):
+    high = np.asarray(image).astype(np.int64) >> 8
+    image = Image.fromarray(np.clip(high, 0, 255).astype(np.uint8), "L")
+  return image.convert("L" if channels == 1 else "RGB")
 
 
 def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
