@@ -34,10 +34,30 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
     return fn(*args)
   except errors as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    # One process of several: Python's exit would wait in jax.distributed's
+    # shutdown barrier (5 minutes) for processes that are still running;
+    # leaving at once tells them through the coordination service.
+    _exit(1, now=_is_distributed())
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
-    sys.exit(130)
+    # Ctrl-C while XLA compiles: Python's shutdown could crash in XLA's
+    # compiler threads (a segfault instead of 130). The interrupt has already
+    # unwound every `with`/`finally` that completes or removes an output.
+    _exit(130, now=True)
+
+
+def _is_distributed() -> bool:
+  jax = sys.modules.get("jax")  # not imported: not initialised either
+  return jax is not None and jax.distributed.is_initialized()
+
+
+def _exit(status: int, now: bool) -> None:
+  if not now:
+    sys.exit(status)
+  logging.shutdown()  # flushes absl's and Python's log handlers
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _config_paths(argv) -> list[str]:
