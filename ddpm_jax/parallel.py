@@ -9,6 +9,7 @@ all-reduce, so the train step is written as if for one device.
 import os
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -44,26 +45,63 @@ def _env_int(name: str) -> Optional[int]:
 # workers through the metadata server, not the environment).
 DISTRIBUTED_ENV_VAR = "DDPM_JAX_DISTRIBUTED"
 
+# The variables jax/_src/clusters/*.py `is_env_present` require; without all
+# of them `jax.distributed.initialize()` finds no coordinator and fails.
+# SLURM: set in every task of an `srun` step, not in an `salloc`/`sbatch`
+# shell (which has SLURM_NTASKS but no SLURM_STEP_NODELIST/SLURM_PROCID).
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+# Open MPI: `mpirun` of Open MPI 4 or older sets OMPI_MCA_orte_hnp_uri; Open
+# MPI 5 (PRRTE) does not, and JAX cannot find the coordinator then.
+_OMPI_URI = "OMPI_MCA_orte_hnp_uri"
 
-def _auto_cluster_detected() -> bool:
-  """True when launched as one of several tasks of a TPU pod or a cluster.
 
-  These are the environments `jax.distributed.initialize()` auto-detects;
+def _hosts(name: str) -> int:
+  return len([h for h in os.environ.get(name, "").split(",") if h])
+
+
+def _distributed_trigger() -> Optional[str]:
+  """Why this is one process of several that `jax.distributed` can join, or None.
+
+  Detects what `jax.distributed.initialize()` auto-detects (its cluster
+  classes, in its order) and only when the job has more than one process:
   a single-host run must not call it (it would wait for a coordinator).
-  `DDPM_JAX_DISTRIBUTED=1` says so explicitly (0: never).
+  `DDPM_JAX_DISTRIBUTED=1` says so explicitly (0: never). GKE TPU workers
+  are recognised by TPU_PROCESS_ADDRESSES / TPU_WORKER_HOSTNAMES; a TPU VM
+  slice, Kubernetes or mpi4py need `DDPM_JAX_DISTRIBUTED=1`.
+
+  Raises:
+    ValueError: a bad DDPM_JAX_DISTRIBUTED, or several Open MPI processes
+      whose coordinator JAX cannot find (Open MPI 5).
   """
   forced = os.environ.get(DISTRIBUTED_ENV_VAR, "")
   if forced not in ("", "0", "1"):
     raise ValueError(f"Environment variable {DISTRIBUTED_ENV_VAR}={forced!r} must be 1 "
                      "(call jax.distributed.initialize() with auto-detection) or 0.")
   if forced:
-    return forced == "1"
-  if (_env_int("SLURM_NTASKS") or 1) > 1:
-    return True
-  if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
-    return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+    return f"{DISTRIBUTED_ENV_VAR}=1" if forced == "1" else None
+  ompi_size = _env_int("OMPI_COMM_WORLD_SIZE") or 1
+  if _OMPI_URI in os.environ and ompi_size > 1:
+    return f"Open MPI: OMPI_COMM_WORLD_SIZE={ompi_size} with {_OMPI_URI}"
+  slurm_tasks = _env_int("SLURM_NTASKS") or 1
+  if all(v in os.environ for v in _SLURM_VARS) and slurm_tasks > 1:
+    return f"SLURM: SLURM_NTASKS={slurm_tasks} in an srun step"
+  for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+    if name in os.environ:  # JAX reads the first one set.
+      if _hosts(name) > 1:
+        return f"GKE TPU: {name} lists {_hosts(name)} hosts"
+      break
+  if ompi_size > 1:
+    raise ValueError(
+        f"Open MPI started {ompi_size} processes (OMPI_COMM_WORLD_SIZE), but "
+        f"{_OMPI_URI} is unset (Open MPI 5): jax.distributed cannot find the "
+        "coordinator. Give each process JAX_COORDINATOR_ADDRESS=HOST:PORT, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID (from OMPI_COMM_WORLD_RANK), or set "
+        f"{DISTRIBUTED_ENV_VAR}=0 to run each as a single process.")
+  if slurm_tasks > 1:
+    logging.info("SLURM_NTASKS=%d outside an srun step: running as a single process "
+                 "(start the tasks with srun to train on all of them).", slurm_tasks)
+  return None
 
 
 def initialize_distributed(
@@ -76,15 +114,21 @@ def initialize_distributed(
   Explicit arguments win over the environment variables
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Given either
   way, this is the CPU-process path (gloo collectives, e.g. `launch/local.sh`).
-  Otherwise in a SLURM or Open MPI job of several tasks, on a TPU pod that
-  sets TPU_WORKER_HOSTNAMES (GKE), or with DDPM_JAX_DISTRIBUTED=1 (set by
-  `launch/tpu_pod.sh`), `jax.distributed.initialize()` auto-detects
-  everything. A plain single-process run does nothing.
+  Otherwise, in an `srun` step of several SLURM tasks, under `mpirun -n N`
+  of Open MPI 4 or older, on GKE TPU workers (TPU_WORKER_HOSTNAMES), or with
+  DDPM_JAX_DISTRIBUTED=1 (set by `launch/tpu_pod.sh`),
+  `jax.distributed.initialize()` auto-detects everything; one log line names
+  the variable that decided it. A plain single-process run does nothing.
 
   Must be called before any other JAX call touches the devices.
 
   Returns:
     True if `jax.distributed` was initialised.
+
+  Raises:
+    ValueError: inconsistent settings, or auto-detected initialisation
+      failed (the message says to set DDPM_JAX_DISTRIBUTED=0 to run as a
+      single process).
   """
   configure_jax()
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -115,10 +159,17 @@ def initialize_distributed(
         process_id=process_id,
     )
     return True
-  if _auto_cluster_detected():
+  trigger = _distributed_trigger()
+  if trigger is None:
+    return False
+  logging.info("Multi-process run (%s): calling jax.distributed.initialize().", trigger)
+  try:
     jax.distributed.initialize()
-    return True
-  return False
+  except (RuntimeError, ValueError) as e:
+    raise ValueError(
+        f"jax.distributed.initialize() failed: {e} (distributed mode was started by "
+        f"{trigger}; set {DISTRIBUTED_ENV_VAR}=0 to run as a single process).") from e
+  return True
 
 
 def create_mesh(devices=None) -> Mesh:

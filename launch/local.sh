@@ -6,13 +6,25 @@
 #                        [--dry-run] -- TRAIN_ARGS...
 # Example:
 #   launch/local.sh -n 2 -d 2 -- --config configs/digits.py:test --workdir runs/mh
-# Process I logs to LOG_DIR/process_I.log (default /tmp/ddpm_local_PORT).
-# Exits non-zero if any process fails.
+# The coordinator listens on 127.0.0.1:PORT: by default a free port the OS
+# picks, so several runs can share the machine; a -p PORT (or env PORT) that
+# something already listens on is refused.
+# Process I logs to LOG_DIR/process_I.log (default
+# ${TMPDIR:-/tmp}/ddpm_local_DATE-TIME_PORT, printed at the start); the last
+# lines of a failed process's log are printed. XLA_FLAGS is passed on with
+# --xla_force_host_platform_device_count=DEVICES_PER_PROCESS appended.
+# Ctrl-C: every process saves its current step and stops; exit 130, and the
+# same command resumes the run. A second Ctrl-C kills them at once (the last
+# saved checkpoint stays). SIGTERM is passed on: exit 0 once all have saved.
+# --dry-run prints the commands instead of running them.
+# Exits 1 if any process fails, 2 on bad options.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+# The usage text is the header comment.
+usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
+die() { echo "error: $*" >&2; exit 2; }
 
-num=2 devices=1 port=${PORT:-12355} dry_run=0
+num=2 devices=1 port=${PORT:-} dry_run=0
 python=${PYTHON:-}
 if [[ -z "$python" ]]; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,7 +33,7 @@ fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n|-d|-p)
-      [[ $# -ge 2 ]] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+      [[ $# -ge 2 ]] || die "$1 needs a value (see --help)"
       case "$1" in -n) num=$2 ;; -d) devices=$2 ;; -p) port=$2 ;; esac
       shift 2 ;;
     --dry-run) dry_run=1; shift ;;
@@ -30,43 +42,92 @@ while [[ $# -gt 0 ]]; do
     *) echo "error: unknown option $1 (use -- before the training arguments)" >&2; usage >&2; exit 2 ;;
   esac
 done
-for v in "$num" "$devices" "$port"; do
-  [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "error: -n, -d and -p take positive integers, got '$v'" >&2; exit 2; }
+for v in "$num" "$devices"; do
+  [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "-n and -d take positive integers, got '$v'"
 done
-log_dir=${LOG_DIR:-/tmp/ddpm_local_$port}
 
-pids=()
-# shellcheck disable=SC2317  # called by the trap
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup INT TERM
+# True if something listens on 127.0.0.1:$1.
+listening() { (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null; }
+if [[ -n "$port" ]]; then
+  if ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then
+    die "-p/PORT takes a port number from 1 to 65535, got '$port'"
+  fi
+  if listening "$port"; then
+    die "port $port is in use (another run's coordinator?); leave out -p and PORT for a free one"
+  fi
+else
+  # Ask the OS for a free port (any python3 will do).
+  free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  port=$(python3 -c "$free_port" 2> /dev/null || "$python" -c "$free_port" 2> /dev/null || true)
+  [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "could not pick a free port (no python3?); pass -p PORT"
+fi
+log_dir=${LOG_DIR:-${TMPDIR:-/tmp}/ddpm_local_$(date +%Y%m%d-%H%M%S)_$port}
+xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
 
+pids=() interrupts=0
+signal_all() { for p in "${pids[@]}"; do kill -s "$1" "$p" 2> /dev/null || true; done; }
+# The processes ignore SIGINT (background jobs of a script do): Ctrl-C reaches
+# them as SIGTERM (save, then stop), a second one as SIGKILL.
+# shellcheck disable=SC2317  # called by the traps
+on_int() {
+  interrupts=$((interrupts + 1))
+  if ((interrupts == 1)); then
+    echo "local.sh: Ctrl-C: saving the current step, then stopping (Ctrl-C again kills the processes)" >&2
+    signal_all TERM
+  else
+    echo "local.sh: second Ctrl-C: killing the processes without saving" >&2
+    signal_all KILL
+  fi
+}
+trap on_int INT
+trap 'signal_all TERM' TERM
+
+if ((!dry_run)); then
+  mkdir -p "$log_dir"
+  echo "local.sh: $num process(es) x $devices CPU device(s), coordinator 127.0.0.1:$port," \
+    "logs in $log_dir/process_I.log" >&2
+fi
 for ((i = 0; i < num; i++)); do
-  cmd=(env "XLA_FLAGS=--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu
+  cmd=(env "XLA_FLAGS=$xla_flags" JAX_PLATFORMS=cpu
        "$python" -m ddpm_jax.train "$@"
        "--coordinator_address=127.0.0.1:$port" "--num_processes=$num" "--process_id=$i")
   if ((dry_run)); then
     printf '%q ' "${cmd[@]}"; echo
     continue
   fi
-  mkdir -p "$log_dir"
+  ((interrupts)) && break
   "${cmd[@]}" > "$log_dir/process_$i.log" 2>&1 &
   pids+=($!)
 done
 ((dry_run)) && exit 0
 
-status=0
-for ((i = 0; i < num; i++)); do
+failed=0
+for ((i = 0; i < ${#pids[@]}; i++)); do
   while :; do
     rc=0
     wait "${pids[$i]}" || rc=$?
-    # A trapped signal (SIGTERM passed on to the processes) ends `wait` early
-    # with 128+n while the process is still saving: wait for it again.
-    if ((rc > 128)) && kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
+    # A trapped signal ends `wait` early with 128+n while the process is
+    # still saving: wait for it again.
+    if ((rc > 128)) && kill -0 "${pids[$i]}" 2> /dev/null; then continue; fi
     break
   done
   if ((rc != 0)); then
-    echo "process $i failed (exit $rc); see $log_dir/process_$i.log" >&2
-    status=1
+    failed=1
+    # Killed by Ctrl-C (SIGKILL, or SIGTERM before the trainer's handler was
+    # set): nothing to show.
+    ((interrupts > 1 || (interrupts && rc == 143))) && continue
+    log="$log_dir/process_$i.log"
+    echo "local.sh: process $i failed (exit $rc); the end of $log:" >&2
+    tail -n 10 "$log" | sed "s/^/  /" >&2 || true
   fi
 done
-exit $status
+if ((interrupts)); then
+  if ((failed)); then
+    echo "local.sh: interrupted; run the same command to resume from the last saved checkpoint" >&2
+  else
+    echo "local.sh: interrupted; the run saved its current step: run the same command to resume" >&2
+  fi
+  exit 130
+fi
+if ((failed)); then exit 1; fi
+echo "local.sh: all $num processes finished; logs in $log_dir" >&2

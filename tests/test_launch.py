@@ -5,11 +5,15 @@ The fakes run each remote command in a temporary "worker" home directory, so
 these tests check the quoting of every argument end to end, not just the
 printed text.
 """
+import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import stat
 import subprocess
+import sys
 import textwrap
 import time
 
@@ -50,7 +54,7 @@ def test_shellcheck(script):
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script", [TPU, SLURM])
+@pytest.mark.parametrize("script", [TPU, SLURM, LOCAL])
 def test_help(script):
   proc = run(["bash", script, "--help"])
   assert proc.returncode == 0, proc.stderr
@@ -218,49 +222,134 @@ SLURM_ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NO
 
 
 def slurm_dry_run(*options, env=SLURM_ENV):
+  """The srun command's words and the variables the dry run exports first."""
   proc = run(["bash", SLURM, *options, "--dry-run", "--", *TRAIN_ARGS], env=env)
   assert proc.returncode == 0, proc.stderr
-  return shlex.split(proc.stdout)
+  lines = proc.stdout.strip().splitlines()
+  exports = dict(shlex.split(line)[1].split("=", 1) for line in lines[:-1])
+  assert all(line.startswith("export ") for line in lines[:-1]), lines
+  return shlex.split(lines[-1]), exports
 
 
 def test_slurm_dry_run_one_process_per_gpu():
-  words = slurm_dry_run()
+  words, exports = slurm_dry_run()
   assert words[0] == "srun"
   assert "--ntasks-per-node=4" in words and "--ntasks=8" in words and "--nodes=2" in words
   assert not [w for w in words if "JAX_LOCAL_DEVICE_IDS" in w]
+  assert "JAX_LOCAL_DEVICE_IDS" not in exports
   i = words.index("-m")
   assert words[i:] == ["-m", "ddpm_jax.train", *TRAIN_ARGS]
   assert f"--chdir={ROOT}" in words
 
 
 def test_slurm_dry_run_one_process_per_node():
-  words = slurm_dry_run("--per-node")
+  words, exports = slurm_dry_run("--per-node")
   assert "--ntasks-per-node=1" in words and "--ntasks=2" in words
-  assert "--export=ALL,JAX_LOCAL_DEVICE_IDS=0,1,2,3" in words
-  words = slurm_dry_run("--per-node", "--gpus-per-node", "2")
-  assert "--export=ALL,JAX_LOCAL_DEVICE_IDS=0,1" in words
+  assert exports["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3"
+  _, exports = slurm_dry_run("--per-node", "--gpus-per-node", "2")
+  assert exports["JAX_LOCAL_DEVICE_IDS"] == "0,1"
 
 
-def test_slurm_real_run_with_fake_srun(tmp_path):
+@pytest.fixture
+def fake_srun(tmp_path):
+  """A fake `srun` that applies --export as Slurm does (a comma-separated
+  list of ALL, NONE, VAR or VAR=VALUE) and records the task's environment
+  and command line."""
   write_exe(tmp_path / "srun", """
       #!/usr/bin/env bash
-      printf '%s\\n' "$@" > "$FAKE_OUT"
+      while [[ "$1" == --* ]]; do
+        if [[ "$1" == --export=* ]]; then
+          IFS=, read -ra items <<< "${1#--export=}"
+          for item in "${items[@]}"; do [[ "$item" == *=* ]] && export "$item"; done
+        fi
+        printf '%s\\n' "$1" >> "$FAKE_OUT.args"
+        shift
+      done
+      printf '%s\\n' "$@" >> "$FAKE_OUT.args"
+      echo "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS-unset}" > "$FAKE_OUT.env"
+      echo "JAX_COORDINATOR_PORT=${JAX_COORDINATOR_PORT-unset}" >> "$FAKE_OUT.env"
       """)
-  out = tmp_path / "srun_args.txt"
-  env = dict(SLURM_ENV, PATH=f"{tmp_path}:{os.environ['PATH']}", FAKE_OUT=str(out),
-             PYTHON="/opt/py/bin/python")
-  proc = run(["bash", SLURM, "--", *TRAIN_ARGS], env=env)
-  assert proc.returncode == 0, proc.stderr
-  words = out.read_text().splitlines()
+  out = tmp_path / "srun"
+
+  def run_srun(*options, **env):
+    for suffix in (".args", ".env"):
+      if os.path.exists(f"{out}{suffix}"):
+        os.remove(f"{out}{suffix}")
+    full_env = dict(SLURM_ENV, PATH=f"{tmp_path}:{os.environ['PATH']}", FAKE_OUT=str(out),
+                    PYTHON="/opt/py/bin/python")
+    full_env.update(env)
+    proc = run(["bash", SLURM, *options, "--", *TRAIN_ARGS], env=full_env)
+    assert proc.returncode == 0, proc.stderr
+    task_env = dict(line.split("=", 1) for line in open(f"{out}.env").read().splitlines())
+    return open(f"{out}.args").read().splitlines(), task_env
+
+  return run_srun
+
+
+def test_slurm_real_run_with_fake_srun(fake_srun):
+  words, _ = fake_srun()
   assert words[:1] == ["--kill-on-bad-exit=1"]
   assert words[-(3 + len(TRAIN_ARGS)):] == [
       "/opt/py/bin/python", "-m", "ddpm_jax.train", *TRAIN_ARGS]
+
+
+def test_slurm_tasks_get_every_device_id_per_node(fake_srun):
+  """--per-node: each task sees all G device ids (an --export=ALL,VAR=0,1,2,3
+  option would give it VAR=0 only: Slurm splits the list on every comma)."""
+  words, task_env = fake_srun("--per-node")
+  assert task_env["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3"
+  assert "--export=ALL" in words  # also when sbatch --export=NONE set SLURM_EXPORT_ENV
+  # One process per GPU: JAX picks GPU SLURM_LOCALID; an inherited list must go.
+  _, task_env = fake_srun(JAX_LOCAL_DEVICE_IDS="0,1,2,3")
+  assert task_env["JAX_LOCAL_DEVICE_IDS"] == "unset"
+
+
+def test_slurm_coordinator_port_from_the_whole_job_id(fake_srun):
+  """JAX's default port, 61440 + SLURM_JOB_ID % 4096, is the same for jobs
+  4096 apart: the second job's coordinator then kills the first job."""
+  ports = set()
+  for job in ("42", str(42 + 4096), str(42 + 2 * 4096), "987654"):
+    _, task_env = fake_srun(SLURM_JOB_ID=job)
+    port = int(task_env["JAX_COORDINATOR_PORT"])
+    assert 1024 < port < 32768
+    ports.add(port)
+  assert len(ports) == 4
+  # The dry run shows it.
+  _, exports = slurm_dry_run(env=dict(SLURM_ENV, SLURM_JOB_ID="4138"))
+  assert exports["JAX_COORDINATOR_PORT"] == str(fake_srun(SLURM_JOB_ID="4138")[1][
+      "JAX_COORDINATOR_PORT"])
+  # A port set by the user is kept.
+  _, task_env = fake_srun(JAX_COORDINATOR_PORT="23456")
+  assert task_env["JAX_COORDINATOR_PORT"] == "23456"
+
+
+def listen_on_a_port(first, last):
+  """A socket listening on 127.0.0.1 on some port in [first, last)."""
+  for port in range(first + os.getpid() % (last - first - 100), last):
+    sock = socket.socket()
+    try:
+      sock.bind(("127.0.0.1", port))
+    except OSError:
+      sock.close()
+      continue
+    sock.listen()
+    return sock
+  pytest.skip(f"no free port in [{first}, {last})")
+
+
+def test_slurm_coordinator_port_skips_a_port_in_use(fake_srun):
+  with listen_on_a_port(10000, 29000) as busy:
+    port = busy.getsockname()[1]
+    _, task_env = fake_srun(SLURM_JOB_ID=str(port - 10000))
+  assert port < int(task_env["JAX_COORDINATOR_PORT"]) < port + 100
 
 
 @pytest.mark.parametrize("env, options, message", [
     ({}, [], "not inside a SLURM job"),
     ({"SLURM_JOB_ID": "1"}, [], "GPUs per node unknown"),
     ({"SLURM_JOB_ID": "1"}, ["--gpus-per-node", "0"], "GPUs per node unknown or invalid ('0')"),
+    (dict(SLURM_ENV, JAX_COORDINATOR_PORT="70000"), [], "is not a port (1..65535)"),
+    (dict(SLURM_ENV, SLURM_JOB_ID="12_3"), [], "SLURM_JOB_ID '12_3' is not a number"),
     (SLURM_ENV, ["--bogus"], "unknown option '--bogus'"),
 ])
 def test_slurm_errors(env, options, message, tmp_path):
@@ -306,3 +395,166 @@ def test_local_sigterm_waits_for_the_processes_to_save(tmp_path):
   assert proc.returncode == 0, err
   assert sorted(p.name for p in tmp_path.glob("saved_*")) == [
       "saved_--process_id=0", "saved_--process_id=1"]
+
+
+# A fake trainer, run by a fake `python`: process 0 listens on the coordinator
+# port (as jax.distributed's coordinator does); SIGTERM saves (FAKE_SAVE_S
+# seconds) and exits 0; each process records how it was started; it stops
+# when OUT/stop appears; with FAKE_FAIL=1 process 0 exits 0 at once and
+# process 1 prints 15 lines and exits 3.
+_FAKE_TRAIN = """
+import json, os, signal, socket, sys, time
+args = sys.argv[1:]
+opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+out, pid = os.environ["FAKE_OUT"], opts["process_id"]
+port = int(opts["coordinator_address"].rsplit(":", 1)[1])
+if pid == "0":
+  server = socket.socket()
+  server.bind(("127.0.0.1", port))
+  server.listen()
+
+def on_term(*_):
+  time.sleep(float(os.environ.get("FAKE_SAVE_S", "0.2")))
+  open(f"{out}/saved_{port}_{pid}", "w").close()
+  sys.exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+record = {"args": args, "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+          "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
+with open(f"{out}/tmp_{port}_{pid}", "w") as f:
+  json.dump(record, f)
+os.rename(f"{out}/tmp_{port}_{pid}", f"{out}/started_{port}_{pid}.json")
+if os.environ.get("FAKE_FAIL") == "1":
+  if pid == "0":
+    sys.exit(0)
+  for i in range(1, 16):
+    print(f"line {i}")
+  sys.exit(3)
+deadline = time.time() + 50
+while time.time() < deadline and not os.path.exists(f"{out}/stop"):
+  time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def fake_local(tmp_path):
+  """Starts launch/local.sh with the fake trainer; logs go under tmp_path."""
+  (tmp_path / "fake_train.py").write_text(_FAKE_TRAIN)
+  write_exe(tmp_path / "python", f"""
+      #!/usr/bin/env bash
+      exec {sys.executable} {tmp_path}/fake_train.py "$@"
+      """)
+  procs = []
+
+  def start(*options, **env):
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("PORT", "LOG_DIR", "XLA_FLAGS")}
+    full_env.update(PYTHON=str(tmp_path / "python"), FAKE_OUT=str(tmp_path),
+                    TMPDIR=str(tmp_path))
+    full_env.update(env)
+    # A session of its own, as a terminal's foreground job: Ctrl-C signals it all.
+    proc = subprocess.Popen(["bash", LOCAL, *options, "--", "--workdir", "w"], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    procs.append(proc)
+    return proc
+
+  yield start
+  (tmp_path / "stop").touch()
+  for proc in procs:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+def started(tmp_path):
+  """{(port, process id): record} of the fake processes started so far."""
+  records = {}
+  for path in tmp_path.glob("started_*.json"):
+    _, port, pid = path.stem.split("_")
+    records[int(port), int(pid)] = json.loads(path.read_text())
+  return records
+
+
+def wait_for(condition, proc, what):
+  deadline = time.time() + 30
+  while not condition():
+    assert proc.poll() is None, f"local.sh ended before {what}: {proc.communicate()}"
+    assert time.time() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.05)
+
+
+def test_local_concurrent_runs_get_their_own_port_and_log_dir(fake_local, tmp_path):
+  """A second run must not reach the first run's coordinator (the fixed
+  port 12355 did: it killed the first run) nor share its logs."""
+  first = fake_local("-n", "2", "-d", "2", XLA_FLAGS="--xla_dump_to=/tmp/x")
+  wait_for(lambda: len(started(tmp_path)) == 2, first, "the first run started")
+  (port_a,) = {port for port, _ in started(tmp_path)}
+  second = fake_local("-n", "2")
+  wait_for(lambda: len(started(tmp_path)) == 4, second, "the second run started")
+  port_b = ({port for port, _ in started(tmp_path)} - {port_a}).pop()
+  assert first.poll() is None and second.poll() is None
+  records = started(tmp_path)
+  assert f"--coordinator_address=127.0.0.1:{port_b}" in records[port_b, 1]["args"]
+  # The user's XLA_FLAGS are kept; the device count is appended.
+  assert records[port_a, 0]["XLA_FLAGS"] == (
+      "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2")
+  assert records[port_b, 0]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+  # An explicit port that is in use is refused before anything starts.
+  for options, env in (((("-p", str(port_a)),), {}), ((), {"PORT": str(port_a)})):
+    proc = fake_local(*[w for o in options for w in o], **env)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and f"port {port_a} is in use" in err, err
+  assert len(started(tmp_path)) == 4
+  (tmp_path / "stop").touch()
+  log_dirs = []
+  for proc in (first, second):
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    # The log directory is named at the start, and again at the end.
+    lines = err.strip().splitlines()
+    assert "logs in " in lines[0] and lines[-1].startswith("local.sh: all 2 processes finished")
+    log_dirs.append(lines[-1].rsplit("logs in ", 1)[1])
+  assert log_dirs[0] != log_dirs[1] and str(port_a) in log_dirs[0]
+  assert all(os.path.isfile(os.path.join(d, "process_1.log")) for d in log_dirs)
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "80a", "123456"])
+def test_local_bad_port(port):
+  for cmd, env in ((["-p", port], {}), ([], {"PORT": port})):
+    proc = run(["bash", LOCAL, *cmd, "--dry-run", "--", "--workdir", "w"], env=env)
+    assert proc.returncode == 2, proc.stdout
+    assert "port number from 1 to 65535" in proc.stderr and proc.stdout == ""
+
+
+def test_local_failure_shows_the_end_of_the_log(fake_local):
+  proc = fake_local("-n", "2", FAKE_FAIL="1")
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 1
+  assert "process 1 failed (exit 3)" in err
+  assert "line 15" in err and "line 6" in err and "line 5\n" not in err
+
+
+def test_local_ctrl_c_saves_and_exits_130(fake_local, tmp_path):
+  proc = fake_local("-n", "2")
+  wait_for(lambda: len(started(tmp_path)) == 2, proc, "the processes started")
+  assert all(r["sigint_ignored"] for r in started(tmp_path).values())
+  os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 130, err
+  assert len(list(tmp_path.glob("saved_*"))) == 2
+  assert "run the same command to resume" in err.strip().splitlines()[-1]
+
+
+def test_local_second_ctrl_c_stops_at_once(fake_local, tmp_path):
+  proc = fake_local("-n", "2", FAKE_SAVE_S="40")
+  wait_for(lambda: len(started(tmp_path)) == 2, proc, "the processes started")
+  os.killpg(proc.pid, signal.SIGINT)
+  time.sleep(0.5)
+  start = time.time()
+  os.killpg(proc.pid, signal.SIGINT)
+  _, err = proc.communicate(timeout=30)
+  assert time.time() - start < 10
+  assert proc.returncode == 130, err
+  assert not list(tmp_path.glob("saved_*"))
+  assert "failed" not in err and "resume" in err
