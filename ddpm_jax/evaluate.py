@@ -14,9 +14,11 @@ computed. Results are printed and saved as JSON under WORKDIR/eval/, in a file
 named by the settings that change the numbers (`bpd_path`,
 `sample_metrics_path`); the JSON records all of them.
 """
+import hashlib
 import json
 import os
 import re
+import tempfile
 
 import numpy as np
 from absl import app
@@ -67,6 +69,20 @@ def _label(text) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "-"
 
 
+def _exact_label(text) -> str:
+  """`_label(text)`, plus 8 hex digits of `text`'s sha256 when that changed it.
+
+  Different texts get different labels: `test[:150]` and `test[150:]` both
+  read `test-150`, and are told apart by the hash; a plain name such as
+  `test` stays as it is.
+  """
+  text = str(text)
+  label = _label(text)
+  if label != text:
+    label += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+  return label
+
+
 def _training_images(source, count):
   """The first `count` training images as uint8 [n, H, W, C] chunks, in order."""
   chunk = 1000
@@ -75,32 +91,41 @@ def _training_images(source, count):
 
 
 def bpd_path(eval_dir: str, step: int, num_examples: int) -> str:
-  """`bpd_<split>_step<S>_<params>_n<N>[_seed<seed>].json`: one file per setting."""
+  """`bpd_<split>_step<S>_<params>_n<N>[_seed<seed>].json`: one file per setting.
+
+  A split that is not a plain name (a slice such as `test[:150]`) is written
+  `_exact_label`'s way, `test-150-<8 hex digits of its sha256>`.
+  """
   seed = f"_seed{FLAGS.seed}" if FLAGS.seed else ""
-  return os.path.join(eval_dir, f"bpd_{_label(FLAGS.split)}_step{step}_"
+  return os.path.join(eval_dir, f"bpd_{_exact_label(FLAGS.split)}_step{step}_"
                       f"{FLAGS.params}_n{num_examples}{seed}.json")
 
 
 def sample_metrics_path(eval_dir: str, metrics, step: int, setup: dict) -> str:
-  """The result file of FID/IS/KID, named by every flag that changes them.
+  """The result file of FID/IS/KID, named by every setting that changes them.
 
   Drawn samples: `fid_is_kid_step<S>_<params>_<sampler>-<steps|all>[-eta<eta>]
-  _n<N>[_seed<seed>][_ref<R>].json`; samples from --samples FILE:
-  `fid_is_kid_samples-<FILE's basename>_n<N>[_ref<R>].json`.
+  _n<N>[_seed<seed>][_ref<R>]_inception<W>.json`; samples from --samples
+  FILE: `fid_is_kid_samples-<FILE's basename>-<F>_n<N>[_ref<R>]_inception<W>
+  .json`. F and W are the first 8 hex digits of the sha256 of the samples
+  file and of the Inception weights file (`setup`'s 'samples_sha256' and
+  'weights_sha256'): other samples or weights never share a file, whatever
+  their names. eta is written exactly (`repr`).
   """
   name = "_".join(metrics)
   if FLAGS.samples:
     stem = os.path.splitext(os.path.basename(FLAGS.samples))[0]
-    name += f"_samples-{_label(stem)}"
+    name += f"_samples-{_label(stem)}-{setup['samples_sha256'][:8]}"
   else:
     name += f"_step{step}_{FLAGS.params}_{FLAGS.sampler}-{_label(FLAGS.steps or 'all')}"
     if FLAGS.sampler == "ddim" and FLAGS.eta:
-      name += f"-eta{FLAGS.eta:g}"
+      name += f"-eta{float(FLAGS.eta)!r}"
   name += f"_n{setup['num_samples']}"
   if not FLAGS.samples and FLAGS.seed:
     name += f"_seed{FLAGS.seed}"
   if FLAGS.num_reference and ("fid" in metrics or "kid" in metrics):
     name += f"_ref{setup['num_reference']}"
+  name += f"_inception{setup['weights_sha256'][:8]}"
   return os.path.join(eval_dir, name + ".json")
 
 
@@ -111,7 +136,8 @@ def prepare_sample_metrics(config, metrics) -> dict:
     dict: 'num_samples', 'samples' (uint8 [N, H, W, C] from --samples, else
     None), 'options' (the sampler's, else None), 'module' and
     'inception_params', 'weights' (the weights file) and 'weights_sha256',
-    'source' (the training split) and 'num_reference'.
+    'samples_sha256' (of the --samples file, else None), 'source' (the
+    training split) and 'num_reference'.
 
   Raises:
     ValueError (or OSError): naming the bad flag or file.
@@ -120,7 +146,7 @@ def prepare_sample_metrics(config, metrics) -> dict:
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
 
-  setup = {"samples": None, "options": None}
+  setup = {"samples": None, "options": None, "samples_sha256": None}
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   if FLAGS.samples:
     # (--seed and --params still apply to bits/dim.)
@@ -134,6 +160,9 @@ def prepare_sample_metrics(config, metrics) -> dict:
           f"--samples {FLAGS.samples}: no such file"
           + (" (it is a directory)" if os.path.isdir(FLAGS.samples) else "")
           + "; write one with `python -m ddpm_jax.sample --out FILE.npz`.")
+    # Hashed before it is read: the hash names the result file (a file
+    # changed in between gets a name no other samples have).
+    setup["samples_sha256"] = m.file_sha256(FLAGS.samples)
     samples = m.read_npz(
         FLAGS.samples, "samples", keys=["samples"],
         hint="Write samples with `python -m ddpm_jax.sample --out FILE.npz`.")["samples"]
@@ -174,8 +203,8 @@ def prepare_sample_metrics(config, metrics) -> dict:
     raise ValueError(f"--num_reference must be in [2, {len(source)}] (the training "
                      f"split's size), got {num_reference}.")
   if "fid" in metrics or "kid" in metrics:
-    _check_directory(os.path.expanduser(FLAGS.stats_cache), "--stats_cache")
-    os.makedirs(os.path.expanduser(FLAGS.stats_cache), exist_ok=True)
+    # Now, not after the Inception pass over the samples and the training set.
+    _check_writable_directory(os.path.expanduser(FLAGS.stats_cache), "--stats_cache")
   weights = m.resolve_weights_path(FLAGS.inception_weights)
   setup["module"], setup["inception_params"] = m.load_inception(weights)
   setup.update(weights=os.path.abspath(weights),
@@ -193,7 +222,7 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
   if FLAGS.samples:
     samples = setup["samples"]
     result.update(samples_file=os.path.abspath(FLAGS.samples),
-                  samples_sha256=m.file_sha256(FLAGS.samples))
+                  samples_sha256=setup["samples_sha256"])
   else:
     samples = generation.generate(config, params, num_samples=FLAGS.num_samples,
                                   batch_size=FLAGS.batch_size, options=setup["options"],
@@ -255,10 +284,12 @@ def _check_flags_apply(metrics) -> None:
         f"{', '.join(given(_SAMPLE_FLAGS + ('num_reference',)))} set FID/IS/KID's "
         "samples and weights, but --metric bpd draws no samples; add fid, is "
         "or kid to --metric or drop them.")
-  if FLAGS["num_reference"].present and not {"fid", "kid"} & set(metrics):
-    raise ValueError("--num_reference sets FID/KID's reference statistics; the "
-                     "Inception Score has none. Add fid or kid to --metric or "
-                     "drop it.")
+  reference = given(("num_reference", "stats_cache"))
+  if reference and not {"fid", "kid"} & set(metrics):
+    one = len(reference) == 1
+    raise ValueError(f"{', '.join(reference)} set{'s' if one else ''} FID/KID's "
+                     "reference statistics; the Inception Score has none. Add "
+                     f"fid or kid to --metric or drop {'it' if one else 'them'}.")
   if FLAGS["eta"].present and FLAGS.sampler != "ddim":
     raise ValueError(f"--eta is DDIM's noise scale; the {FLAGS.sampler} sampler "
                      "has none: pass --sampler ddim, or drop --eta.")
@@ -269,6 +300,26 @@ def _check_directory(path: str, what: str) -> None:
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"{what} {path} is a file, not a directory; move it away "
                      "or choose another path.")
+
+
+def _check_writable_directory(path: str, what: str) -> None:
+  """Creates directory `path` if needed and checks a file can be made in it.
+
+  The check creates and removes a file (`os.access` says yes to root even
+  where nothing can be written, e.g. in /sys).
+
+  Raises:
+    ValueError: naming `what` and `path`, without a bare errno.
+  """
+  _check_directory(path, what)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"{what} {path} cannot be written to ({e.strerror or e}); "
+                     "choose a directory you can write to.") from e
 
 
 def run(argv) -> None:
@@ -302,10 +353,7 @@ def run(argv) -> None:
   if sample_wanted:
     setup = prepare_sample_metrics(config, sample_wanted)
   if writer:
-    _check_directory(eval_dir, "The results directory")
-    os.makedirs(eval_dir, exist_ok=True)
-    if not os.access(eval_dir, os.W_OK):
-      raise ValueError(f"Cannot write the results to {eval_dir}.")
+    _check_writable_directory(eval_dir, "The results directory")
 
   if "bpd" in metrics:
     result = bpd.evaluate_bpd(config, params, split=FLAGS.split,

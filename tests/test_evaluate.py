@@ -208,6 +208,10 @@ def test_cli_refuses_flags_no_asked_metric_reads(pretrained_run, tmp_path):
        "--sampler, --steps set FID/IS/KID's samples and weights, but --metric bpd"),
       (["--metric", "is", "--num_examples", "4"], "--num_examples set bits/dim's data"),
       (["--metric", "is", "--num_reference", "5"], "--num_reference sets FID/KID's"),
+      (["--metric", "is", "--stats_cache", str(tmp_path)],
+       "--stats_cache sets FID/KID's reference statistics; the Inception Score has none"),
+      (["--metric", "is", "--stats_cache", str(tmp_path), "--num_reference", "5"],
+       "--num_reference, --stats_cache set FID/KID's"),
       (["--metric", "fid", "--eta", "0.5"], "--eta is DDIM's noise scale; the ancestral"),
       (["--metric", "fid", "--samples", str(tmp_path)], "(it is a directory)"),
       (["--metric", "fid", "--samples", str(tmp_path / "no.npz")], "no such file"),
@@ -223,6 +227,94 @@ def test_cli_refuses_flags_no_asked_metric_reads(pretrained_run, tmp_path):
   r = run_cli("--workdir", str(run), "--metric", "bpd", "--num_examples", "2")
   assert r.returncode == 1 and "The results directory" in r.stderr, r.stderr
   assert "is a file, not a directory" in r.stderr and "Errno" not in r.stderr
+
+
+def test_cli_checks_the_stats_cache_can_be_written_before_any_work(pretrained_run,
+                                                                 tmp_path):
+  """Before: a bare errno after the Inception pass (and after drawing the
+  samples), or, where the directory exists, nothing until then."""
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  unwritable = [str(blocker / "fid_stats")]  # cannot be created
+  # A directory that exists but takes no files even for root (os.access says
+  # it does).
+  try:
+    open("/sys/kernel/.ddpm_jax_probe", "w").close()
+    os.remove("/sys/kernel/.ddpm_jax_probe")
+  except OSError:
+    if os.path.isdir("/sys/kernel"):
+      unwritable.append("/sys/kernel")
+  for cache in unwritable:
+    # No --inception_weights: the cache is refused before the weights are read.
+    r = run_cli("--workdir", pretrained_run, "--metric", "is,fid", "--stats_cache", cache)
+    assert r.returncode == 1, r.stderr
+    assert f"--stats_cache {cache} cannot be written to" in r.stderr, r.stderr
+    assert "Errno" not in r.stderr and "pt_inception" not in r.stderr, r.stderr
+  assert os.listdir(tmp_path) == ["a_file"]
+
+
+_NAMES = r"""
+import json, os, sys
+from ddpm_jax import evaluate
+names = []
+for argv, setup in json.loads(sys.argv[1]):
+  evaluate.FLAGS.unparse_flags()
+  evaluate.FLAGS(["evaluate", "--workdir=w"] + argv)
+  if setup is None:
+    names.append(os.path.basename(evaluate.bpd_path("eval", 0, 150)))
+  else:
+    names.append(os.path.basename(
+        evaluate.sample_metrics_path("eval", ["fid"], 0, setup)))
+print(json.dumps(names))
+"""
+
+
+def result_names(*cases):
+  """evaluate's result file names, one per (flags, setup) case (setup None:
+  bits/dim's), in a process of their own (the flags are absl's globals)."""
+  r = subprocess.run([sys.executable, "-c", _NAMES, json.dumps(cases)], cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  return json.loads(r.stdout)
+
+
+def test_result_names_tell_apart_what_changes_the_numbers():
+  """Before: the samples file's basename alone, no weights, eta to 6 digits
+  and split slices folded together, so these pairs shared one file."""
+  def setup(samples="a" * 64, weights="0" * 64):
+    return {"num_samples": 20, "num_reference": 24, "samples_sha256": samples,
+            "weights_sha256": weights}
+
+  ref = ["--num_reference=24"]
+  names = result_names(
+      # 0, 1: two files called samples.npz
+      (["--samples=A/samples.npz"] + ref, setup()),
+      (["--samples=B/samples.npz"] + ref, setup(samples="b" * 64)),
+      # 2: the same samples with other weights
+      (["--samples=A/samples.npz"] + ref, setup(weights="1" * 64)),
+      # 3, 4: names that read alike, other contents
+      (["--samples=my samples.npz"], setup()),
+      (["--samples=my-samples.npz"], setup(samples="c" * 64)),
+      # 5, 6: eta beyond 6 significant digits
+      (["--sampler=ddim", "--steps=50", "--eta=0.1234567"], setup(samples=None)),
+      (["--sampler=ddim", "--steps=50", "--eta=0.1234568"], setup(samples=None)),
+      # 7, 8: drawn samples, other weights
+      ([], setup(samples=None)),
+      ([], setup(samples=None, weights="1" * 64)),
+      # 9, 10, 11: bits/dim of two slices of equal size, and of the whole split
+      (["--split=test[:150]"], None),
+      (["--split=test[150:]"], None),
+      ([], None),
+  )
+  for a, b in [(0, 1), (0, 2), (3, 4), (5, 6), (7, 8), (9, 10)]:
+    assert names[a] != names[b], (names[a], names[b])
+  # Still readable.
+  assert names[0] == "fid_samples-samples-aaaaaaaa_n20_ref24_inception00000000.json"
+  assert names[3] == "fid_samples-my-samples-aaaaaaaa_n20_inception00000000.json"
+  assert names[5] == "fid_step0_ema_ddim-50-eta0.1234567_n20_inception00000000.json"
+  assert names[7] == "fid_step0_ema_ancestral-all_n20_inception00000000.json"
+  assert names[9].startswith("bpd_test-150-") and names[9].endswith("_step0_ema_n150.json")
+  assert names[11] == "bpd_test_step0_ema_n150.json"
 
 
 def test_cli_inception_score_needs_two_samples_per_split(pretrained_run, tmp_path):
@@ -248,8 +340,9 @@ def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
               "12", "--sampler", "ddim", "--steps", "5", "--inception_weights",
               weights, "--stats_cache", cache)
   assert r.returncode == 0, r.stderr
+  w = metrics.file_sha256(weights)[:8]
   with open(os.path.join(pretrained_run, "eval",
-                         "fid_is_kid_step0_ema_ddim-5_n20_ref12.json")) as f:
+                         f"fid_is_kid_step0_ema_ddim-5_n20_ref12_inception{w}.json")) as f:
     saved = json.load(f)
   assert len(os.listdir(cache)) == 1  # the reference statistics, cached
   assert (saved["params"], saved["sampler"], saved["steps"], saved["seed"],
@@ -273,15 +366,33 @@ def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
                              metrics.inception_score(feats["logits"], 10)[0],
                              rtol=1e-3)
   assert np.isfinite(saved["kid"]) and saved["num_samples"] == 20
-  # The same samples from a file: scored alike, in a file named after it.
+  # The same samples from a file: scored alike, in a file named after it
+  # and its content.
   path = str(tmp_path / "my_samples.npz")
   np.savez(path, samples=samples)
   r = run_cli("--workdir", pretrained_run, "--metric", "fid", "--samples", path,
               "--batch_size", "8", "--num_reference", "12", "--inception_weights",
               weights, "--stats_cache", cache)
   assert r.returncode == 0, r.stderr
-  with open(os.path.join(pretrained_run, "eval",
-                         "fid_samples-my_samples_n20_ref12.json")) as f:
+  sha = metrics.file_sha256(path)
+  name = f"fid_samples-my_samples-{sha[:8]}_n20_ref12_inception{w}.json"
+  with open(os.path.join(pretrained_run, "eval", name)) as f:
     from_file = json.load(f)
   np.testing.assert_allclose(from_file["fid"], saved["fid"], rtol=1e-6)
   assert from_file["samples_file"] == path and "sampler" not in from_file
+  assert from_file["samples_sha256"] == sha
+  # Other samples under the same file name write a file of their own.
+  (tmp_path / "other").mkdir()
+  other = str(tmp_path / "other" / "my_samples.npz")
+  np.savez(other, samples=samples[::-1].copy())
+  r = run_cli("--workdir", pretrained_run, "--metric", "fid", "--samples", other,
+              "--batch_size", "8", "--num_reference", "12", "--inception_weights",
+              weights, "--stats_cache", cache)
+  assert r.returncode == 0, r.stderr
+  other_sha = metrics.file_sha256(other)
+  assert other_sha[:8] != sha[:8]
+  assert os.path.isfile(os.path.join(
+      pretrained_run, "eval", f"fid_samples-my_samples-{other_sha[:8]}_n20_ref12_"
+      f"inception{w}.json"))
+  with open(os.path.join(pretrained_run, "eval", name)) as f:
+    assert json.load(f) == from_file

@@ -557,3 +557,80 @@ def test_unreadable_cache_entry_is_recomputed(tmp_path):
   got = metrics.reference_stats("x", lambda: feats, cache)
   np.testing.assert_allclose(got["mu"], feats.astype(np.float64).mean(0), rtol=1e-12)
   assert int(metrics.load_stats(path)["num_examples"]) == 10
+
+
+def test_reference_stats_returns_what_it_computed_not_the_file_read_back(
+    tmp_path, monkeypatch):
+  """A concurrent FID-only writer can replace the file between this run's save
+  and a read back; the KID run must still get its features."""
+  feats = np.random.default_rng(16).normal(size=(12, 3)).astype(np.float32)
+  real_save = stats_cache.save_stats
+
+  def save_then_another_writer(path, mu, sigma, **kwargs):
+    real_save(path, mu, sigma, **kwargs)
+    kwargs.pop("features", None)
+    real_save(path, mu + 1.0, sigma, **kwargs)  # featureless, other numbers
+
+  monkeypatch.setattr(stats_cache, "save_stats", save_then_another_writer)
+  got = metrics.reference_stats("x", lambda: feats, str(tmp_path), keep_features=True,
+                                fingerprint="fp")
+  np.testing.assert_array_equal(got["features"], feats)
+  assert got["features"].dtype == np.float32
+  np.testing.assert_allclose(got["mu"], feats.astype(np.float64).mean(0), rtol=1e-12)
+  assert got["sigma"].shape == (3, 3) and got["sigma"].dtype == np.float64
+  assert int(got["num_examples"]) == 12 and got["fingerprint"] == "fp"
+  # The same keys and types as an entry served from the cache.
+  cached = metrics.reference_stats("x", lambda: 1 / 0, str(tmp_path), fingerprint="fp")
+  assert sorted(cached) == sorted(k for k in got if k != "features")
+
+
+# --------------------------------------------------------------------------
+# NaN / inf and degenerate inputs.
+# --------------------------------------------------------------------------
+
+
+def test_stats_of_one_dimensional_features_are_d_by_d():
+  mu, sigma = metrics.stats_from_features(np.array([[0.0], [1.0], [2.0], [5.0]]))
+  assert mu.shape == (1,) and sigma.shape == (1, 1)
+  np.testing.assert_allclose(sigma, [[np.var([0, 1, 2, 5], ddof=1)]], rtol=1e-12)
+  np.testing.assert_allclose(metrics.fid_from_stats(mu, sigma, mu + 2, sigma), 4.0,
+                             rtol=1e-9)
+
+
+def test_fid_and_kid_refuse_non_finite_inputs_by_name():
+  """Before: scipy's 'Internal error in scipy.linalg.sqrtm: -102' (or NaN)."""
+  rng = np.random.default_rng(17)
+  good = rng.normal(size=(30, 4))
+  mu, sigma = metrics.stats_from_features(good)
+  for value in (np.nan, np.inf):
+    bad = good.copy()
+    bad[3, 1] = value
+    with np.errstate(invalid="ignore"):
+      bad_mu, bad_sigma = metrics.stats_from_features(bad)
+    with pytest.raises(ValueError, match="FID statistics are not finite: mu1, sigma1 "
+                       "hold NaN or inf"):
+      metrics.fid_from_stats(bad_mu, bad_sigma, mu, sigma)
+    with pytest.raises(ValueError, match="sigma2 holds NaN or inf"):
+      metrics.fid_from_stats(mu, sigma, mu, bad_sigma)
+    with pytest.raises(ValueError, match="KID's features are not finite: features2"):
+      metrics.kernel_inception_distance(good, bad, subset_size=10, num_subsets=2)
+
+
+def test_inception_score_is_finite_for_confident_logits():
+  """A class that no sample of a split predicts has p(y) = 0 there in float64
+  (exp(-1000) underflows): log p(y) was -inf and 0 * inf gave NaN."""
+  k = 10
+  classes = np.r_[np.arange(20) % 5, 5 + np.arange(20) % 5]  # split 2: classes 5..9
+  logits = 1000.0 * np.eye(k)[classes]
+  mean, std = metrics.inception_score(logits, splits=2)
+  np.testing.assert_allclose(mean, 5.0, rtol=1e-12)  # 5 classes, equally often
+  assert std < 1e-12
+  # Huge, finite logits of every sign, far beyond float64's exp range.
+  wild = np.random.default_rng(18).normal(size=(40, 12)) * 1e6
+  mean, std = metrics.inception_score(wild, splits=4)
+  assert np.isfinite(mean) and np.isfinite(std) and 1 <= mean <= 12
+  for value in (np.nan, np.inf):
+    bad = logits.copy()
+    bad[7, 2] = value
+    with pytest.raises(ValueError, match="input is not finite: logits holds NaN or inf"):
+      metrics.inception_score(bad, splits=2)

@@ -6,6 +6,7 @@
   product is singular, a check that the imaginary part is numerical noise).
 * IS (Salimans et al. 2016): `exp(E_x KL(p(y|x) || p(y)))` per split of the
   samples taken in order, as the original code does; mean and std over splits.
+  Computed in log space, so it stays finite for confident (large) logits.
 * KID (Binkowski et al. 2018): the unbiased MMD^2 estimate with the kernel
   `k(x, y) = (x.y / d + 1)^3`, averaged over random subsets (torch-fidelity's
   defaults: 100 subsets of 1000).
@@ -14,10 +15,22 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 from scipy import linalg
+from scipy import special
 
 # The Inception Score of a one-sample split is exactly 1 (p(y|x) is its own
 # marginal), so every split needs at least two samples.
 MIN_SAMPLES_PER_SPLIT = 2
+
+
+def _check_finite(what: str, **arrays) -> None:
+  """ValueError naming the arrays that hold NaN or inf."""
+  bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
+  if bad:
+    raise ValueError(
+        f"{what}: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or "
+        "inf values, so the Inception outputs behind them are broken (bad "
+        "weights or images; delete a cached reference file made of such "
+        "features).")
 
 
 def stats_from_features(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -25,7 +38,8 @@ def stats_from_features(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   features = np.asarray(features, np.float64)
   if features.ndim != 2 or features.shape[0] < 2:
     raise ValueError(f"Need features [N, D] with N >= 2, got shape {features.shape}.")
-  return features.mean(axis=0), np.cov(features, rowvar=False)
+  # (np.cov of one column is 0-d; keep [1, 1].)
+  return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
 
 
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -41,9 +55,10 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     The FID as a Python float (>= 0 up to rounding).
 
   Raises:
-    ValueError: on mismatched shapes, or when the square root has an
-      imaginary part that is not numerical noise (|imag| > 1e-3 on the
-      diagonal), which means the statistics are broken.
+    ValueError: on mismatched shapes, on statistics holding NaN or inf,
+      or when the square root has an imaginary part that is not numerical
+      noise (|imag| > 1e-3 on the diagonal) or is not finite, which means
+      the statistics are broken.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -53,14 +68,19 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     raise ValueError(
         f"FID statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
         f"mu2 {mu2.shape}, sigma2 {sigma2.shape}.")
+  _check_finite("The FID statistics are not finite", mu1=mu1, sigma1=sigma1,
+                mu2=mu2, sigma2=sigma2)
   diff = mu1 - mu2
   covmean = linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     ridge = np.eye(d) * eps
     covmean = linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+  if not np.isfinite(covmean).all():
+    raise ValueError("The matrix square root in the FID is not finite even with "
+                     f"an eps={eps:g} ridge: the covariances are not valid.")
   if np.iscomplexobj(covmean):
     worst = np.max(np.abs(np.diagonal(covmean).imag))
-    if worst > 1e-3:
+    if not worst <= 1e-3:  # (NaN included)
       raise ValueError(
           f"The matrix square root in the FID has an imaginary part of {worst:.3g}: "
           "the covariances are not valid (too few samples, or NaN features).")
@@ -80,10 +100,15 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> Tuple[float, float]
   part i is rows `i*N//splits : (i+1)*N//splits`); each part's score is
   `exp(mean_x KL(p(y|x) || mean_x p(y|x)))`. Ranges from 1 to K.
 
+  Computed in log space (log p(y) by logsumexp, `p log(p / p(y))` taken as 0
+  where p underflows to 0, as `scipy.special.rel_entr`), so confident
+  logits, whose other classes' probabilities underflow, give a finite score.
+
   Raises:
     ValueError: when a part would have fewer than MIN_SAMPLES_PER_SPLIT
       samples (N < 2 * splits): a one-sample part scores exactly 1 whatever
-      the images, so such a score means nothing.
+      the images, so such a score means nothing; or when the logits hold
+      NaN or inf.
   """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2:
@@ -96,13 +121,17 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> Tuple[float, float]
         f"The Inception Score over {splits} splits needs at least "
         f"{MIN_SAMPLES_PER_SPLIT * splits} samples ({MIN_SAMPLES_PER_SPLIT} per "
         f"split; a one-sample split always scores 1), got {n}.")
+  _check_finite("The Inception Score's input is not finite", logits=logits)
   log_p = _log_softmax(logits)
   scores = []
   for i in range(splits):
     part = log_p[i * n // splits:(i + 1) * n // splits]
     p = np.exp(part)
-    log_marginal = np.log(p.mean(axis=0))
-    kl = np.sum(p * (part - log_marginal), axis=1)
+    # log of the part's marginal p(y): never log(0), even for a class whose
+    # probability underflows in every sample of the part.
+    log_marginal = special.logsumexp(part, axis=0) - np.log(len(part))
+    with np.errstate(invalid="ignore"):  # 0 * -inf, replaced by 0
+      kl = np.sum(np.where(p > 0, p * (part - log_marginal), 0.0), axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
 
@@ -145,6 +174,7 @@ def kernel_inception_distance(
   f2 = np.asarray(features2, np.float64)
   if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
     raise ValueError(f"Need features [N1, D] and [N2, D], got {f1.shape} and {f2.shape}.")
+  _check_finite("The KID's features are not finite", features1=f1, features2=f2)
   n = min(len(f1), len(f2))
   if not 2 <= subset_size <= n:
     raise ValueError(

@@ -164,4 +164,10 @@ def reference_stats(
   mu, sigma = scores.stats_from_features(features)
   save_stats(path, mu, sigma, features=features if keep_features else None,
              num_examples=len(features), fingerprint=fingerprint)
-  return load_stats(path)
+  # What was computed, not the file read back: a concurrent writer (a run
+  # without features, say) may have replaced it since.
+  out = {"mu": mu, "sigma": sigma, "fingerprint": fingerprint,
+         "num_examples": np.asarray(len(features), np.int64)}
+  if keep_features:
+    out["features"] = np.asarray(features, np.float32)
+  return out
