@@ -322,6 +322,31 @@ def save(manager: ocp.CheckpointManager, state: ts.TrainState,
   manager.save(step, args=ocp.args.Composite(**args), force=True)
 
 
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises CheckpointError if a background save that has finished failed.
+
+  `save` returns before the arrays are written; a full disk or a lost mount
+  shows up here, so that training stops at once instead of running on
+  (possibly for thousands of steps) towards saves that cannot succeed.
+  """
+  if manager.is_saving_in_progress():
+    return
+  try:
+    # Returns at once for a finished save; re-raises the error of a failed one.
+    manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax re-raises whatever the writer thread raised (OSError, ValueError
+    # from TensorStore, ...).
+    steps = sorted(manager.all_steps())
+    resume = (f"it resumes from step {steps[-1]}, the newest complete one"
+              if steps else "no step was saved yet, so it starts afresh")
+    raise CheckpointError(
+        f"Writing a checkpoint into {manager.directory} failed: "
+        f"{_first_line(e)}. Training stopped. Fix the cause (e.g. free disk "
+        f"space) and run the same command again: {resume}.") from e
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iterator: Any = None, worker_count: Optional[int] = None
             ) -> tuple[ts.TrainState, Any]:

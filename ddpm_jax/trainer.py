@@ -52,7 +52,36 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value and value % k:
       raise ValueError(f"training.{name}={value} must be a multiple of "
                        f"training.steps_per_call={k}.")
+  if int(t.sample_every_steps) > 0 and int(t.num_sample_images) < 1:
+    raise ValueError(
+        f"training.num_sample_images must be >= 1 for the sample grid every "
+        f"{t.sample_every_steps} steps, got {t.num_sample_images} (set "
+        "training.sample_every_steps=0 for no grids).")
+  m = config.model
+  classes = int(m.num_classes)
+  if m.get("name", "unet") != "classifier" and classes:
+    # Labels past the class embedding would index out of it, and the id
+    # `classes` means "no class" (classifier-free guidance).
+    if int(config.data.num_classes) != classes:
+      raise ValueError(
+          f"model.num_classes={classes} but the data carries "
+          f"data.num_classes={config.data.num_classes} classes: a "
+          "class-conditional model is trained on every class of its data set "
+          "(set both alike, or model.num_classes=0 for an unconditional one).")
+  if float(t.label_dropout) and not classes:
+    raise ValueError(
+        f"training.label_dropout={t.label_dropout} applies to a "
+        "class-conditional model only, and model.num_classes=0; set "
+        "model.num_classes to the data's classes or label_dropout to 0.")
+  if float(m.get("noise_aug_max", 0.0)) and not int(m.get("low_res_size", 0)):
+    raise ValueError(
+        f"model.noise_aug_max={m.noise_aug_max} applies to a super-resolution "
+        "model only, and model.low_res_size=0; set model.low_res_size or "
+        "noise_aug_max to 0.")
   o = config.optim
+  if o.grad_clip is not None and float(o.grad_clip) < 0:
+    raise ValueError(f"optim.grad_clip must be >= 0 (0: no clipping), got "
+                     f"{o.grad_clip}.")
   for name in ("beta1", "beta2", "ema_decay"):
     # ema_decay 1 would keep the EMA parameters, which sample, at the
     # initialisation; Adam's betas at 1 never forget.
@@ -227,23 +256,30 @@ def _console_line(step: int, num_train_steps: int, summary: dict) -> str:
   return line
 
 
-def _check_finite(metrics: dict, first_step: int) -> None:
+def _check_finite(metrics: dict, first_step: int, last_saved: Optional[int],
+                  grad_clip: Optional[float]) -> None:
   """Raises NonFiniteError naming the first update with a NaN/Inf.
 
   Args:
     metrics: host metrics of one call ([K] or scalars).
     first_step: state.step before the call (updates are numbered from 1).
+    last_saved: the newest saved step, None if none.
+    grad_clip: `optim.grad_clip` (0 or None: no clipping), for the advice.
   """
   loss = np.atleast_1d(metrics["loss"])
   gnorm = np.atleast_1d(metrics["grad_norm"])
   bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
   if bad.any():
     i = int(np.argmax(bad))
+    kept = ("no checkpoint was saved yet" if last_saved is None else
+            f"the last good checkpoint (step {last_saved}) is kept")
+    tries = ["a lower optim.lr"]
+    tries.append(f"a smaller optim.grad_clip (now {grad_clip})" if grad_clip
+                 else "optim.grad_clip > 0")
     raise NonFiniteError(
         f"Non-finite training at step {first_step + i + 1}: loss={loss[i]}, "
-        f"grad_norm={gnorm[i]}. The state of this step was not saved; the last good "
-        "checkpoint is kept. Try a lower optim.lr, optim.grad_clip > 0 or a longer "
-        "optim.warmup_steps.")
+        f"grad_norm={gnorm[i]}. The state of this step was not saved; {kept}. "
+        f"Try {', '.join(tries)} or a longer optim.warmup_steps.")
 
 
 # The grid's chain runs in about this many compiled chunks, so that SIGTERM
@@ -314,6 +350,16 @@ def _next_batch(data_iterator: Iterator, steps_per_call: int) -> dict:
     return next(data_iterator)
   batches = [next(data_iterator) for _ in range(steps_per_call)]
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _finish_saves(manager) -> None:
+  """Waits for the background save, still under `_StopSignals`' handlers.
+
+  A SIGTERM during the last save then cannot kill the process with its
+  checkpoint half-written (the default handler is back only afterwards).
+  """
+  manager.wait_until_finished()
+  checkpointing.check_saves(manager)
 
 
 def train_and_evaluate(
@@ -409,12 +455,20 @@ def train_and_evaluate(
       logging.info("Resumed from %s at step %d.", checkpointing.checkpoint_dir(workdir), latest)
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(rng)
+      logging.info("Starting a new run in %s.", workdir)
     step = int(jax.device_get(state.step))
     if step >= num_train_steps:
       # Before anything is written: config.json keeps the run's step count.
       logging.info("Step %d >= num_train_steps=%d: nothing to train; %s is "
                    "unchanged.", step, num_train_steps, workdir)
       return state
+    logging.info(
+        "%s parameters; %d %s device(s) in %d process(es); batch %d (%d per "
+        "device), %d step(s) per call; data %s; steps %d to %d.",
+        f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
+        mesh.size, jax.devices()[0].platform, jax.process_count(), batch_size,
+        batch_size // mesh.size, steps_per_call, config.data.dataset, step + 1,
+        num_train_steps)
     checkpointing.write_config(workdir, config)
     writer = _MetricWriter(workdir, step)
 
@@ -446,7 +500,7 @@ def train_and_evaluate(
         first, m = pending
         pending = None
         host = jax.device_get(m)
-        _check_finite(host, first)
+        _check_finite(host, first, manager.latest_step(), config.optim.grad_clip)
         window.append(host)
 
     with _StopSignals() as stop_signals:
@@ -477,6 +531,7 @@ def train_and_evaluate(
           writer.scalars(step, summary)
           if jax.process_index() == 0:
             logging.info("%s", _console_line(step, num_train_steps, summary))
+          checkpointing.check_saves(manager)  # a failed save stops the run now
 
         stop = stop_signals.any_process()
         saved = False
@@ -484,6 +539,7 @@ def train_and_evaluate(
             or _crossed(step, prev, config.training.checkpoint_every_steps)):
           flush()  # never save a state whose metrics were not checked
           save_start = time.time()
+          checkpointing.check_saves(manager)
           checkpointing.save(manager, state, save_iter)
           saved = True
           logging.info("Saved checkpoint at step %d.", step)
@@ -511,10 +567,13 @@ def train_and_evaluate(
           if not saved:
             flush()
             checkpointing.save(manager, state, save_iter)
+          _finish_saves(manager)
           logging.warning("%s: saved step %d, stopping.", stop_signals.name, step)
           if stop_signals.interrupted:
             raise KeyboardInterrupt
           break
+      else:
+        _finish_saves(manager)
     return state
   finally:
     manager.wait_until_finished()

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import types
@@ -174,3 +175,48 @@ def test_a_step_without_its_data_position_is_not_resumed_silently(trained_run, t
     _train(_config(6), workdir)
   assert _snapshot(workdir) == before
   assert checkpointing.load_params(workdir)[2] == 4
+
+
+_FAILING_SAVE_SCRIPT = """
+import resource, signal, sys, time
+import flax, jax.numpy as jnp, numpy as np
+from ddpm_jax import checkpointing
+
+@flax.struct.dataclass
+class State:
+  step: jnp.ndarray
+  w: jnp.ndarray
+
+manager = checkpointing.create_manager(sys.argv[1], max_to_keep=None)
+# A full disk, as far as the save's data files go (4 MB that do not compress).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+w = np.random.default_rng(0).standard_normal((1000, 1000), np.float32)
+checkpointing.save(manager, State(step=jnp.array(1), w=jnp.asarray(w)))
+deadline = time.time() + 120
+while True:  # what the trainer does at every log step, with no further save
+  try:
+    checkpointing.check_saves(manager)
+  except checkpointing.CheckpointError as e:
+    print(e)
+    break
+  assert time.time() < deadline, "the failed save was never reported"
+  time.sleep(0.2)
+"""
+
+
+def test_a_failed_background_save_is_reported_before_the_next_save(tmp_path):
+  """Training stops at the next log step, not a checkpoint interval later."""
+  script = tmp_path / "save.py"
+  script.write_text(_FAILING_SAVE_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  r = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")],
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  message = r.stdout.strip()
+  assert message.startswith(f"Writing a checkpoint into {tmp_path / 'ckpt' / 'checkpoints'} "
+                            "failed: "), message
+  assert message.endswith("Training stopped. Fix the cause (e.g. free disk "
+                          "space) and run the same command again: no step was "
+                          "saved yet, so it starts afresh."), message

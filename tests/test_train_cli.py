@@ -234,6 +234,25 @@ def test_digits_cli_trains_samples_and_stops_on_signal(tmp_path, sig, want_rc):
   assert grid.ndim == 2 and grid.std() > 0
 
 
+def test_sigterm_during_the_last_save_keeps_it_and_exits_0(tmp_path):
+  """The save runs in the background: SIGTERM must not cut it short."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "ddpm_jax.train", "--config", "configs/digits.py:test",
+       "--workdir", str(workdir)],
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "Saved checkpoint at step 4." in line:  # the last step: a background save
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert checkpointing.existing_steps(str(workdir)) == [2, 4]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # no tmp
+
+
 _MULTIHOST_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np

@@ -89,12 +89,52 @@ def _batches(nan_at):
 def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   config = _config(8)  # checkpoints every 2 steps
-  with pytest.raises(trainer.NonFiniteError, match="at step 5"):
+  with pytest.raises(trainer.NonFiniteError,
+                     match=r"at step 5: .* the last good checkpoint \(step 4\) is "
+                     r"kept\. Try a lower optim\.lr, a smaller optim\.grad_clip "
+                     r"\(now 1\.0\) or"):
     _train(config, workdir, data_iterator=_batches(nan_at=4))
   assert checkpointing.existing_steps(workdir) == [2, 4]
   _, params, step = checkpointing.load_params(workdir, which="params")
   assert step == 4
   assert all(np.isfinite(x).all() for x in _leaves(params))
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+  config = _config(8, **{"optim.grad_clip": 0.0})
+  with pytest.raises(trainer.NonFiniteError,
+                     match=r"at step 2: .* no checkpoint was saved yet\. Try a "
+                     r"lower optim\.lr, optim\.grad_clip > 0 or"):
+    _train(config, str(tmp_path), data_iterator=_batches(nan_at=1))
+  assert checkpointing.existing_steps(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"model.num_classes": 5}, r"model\.num_classes=5 but the data carries "
+     r"data\.num_classes=10"),
+    ({"model.num_classes": 10, "data.num_classes": 0},
+     r"model\.num_classes=10 but the data carries data\.num_classes=0"),
+    ({"training.label_dropout": 0.3},
+     r"training\.label_dropout=0\.3 applies to a class-conditional model only"),
+    ({"model.noise_aug_max": 0.5},
+     r"model\.noise_aug_max=0\.5 applies to a super-resolution model only"),
+    ({"optim.grad_clip": -5.0}, r"optim\.grad_clip must be >= 0"),
+    ({"training.num_sample_images": 0, "training.sample_every_steps": 2},
+     r"training\.num_sample_images must be >= 1"),
+    ({"training.num_sample_images": -1, "training.sample_every_steps": 2},
+     r"training\.num_sample_images must be >= 1"),
+])
+def test_settings_that_would_be_ignored_or_fail_late_are_refused(
+    tmp_path, overrides, match):
+  """Before anything is written or compiled (they used to train silently,
+  or fail at step 1 or at the first sample grid)."""
+  with pytest.raises(ValueError, match=match):
+    _train(_config(4, **overrides), str(tmp_path), model=None)
+  assert os.listdir(tmp_path) == []
+  # Consistent settings of the same keys train.
+  trainer.validate_config(_config(4, **{"model.num_classes": 10,
+                                         "training.label_dropout": 0.3,
+                                         "optim.grad_clip": 0.0}))
 
 
 def test_workdir_with_other_model_shape_is_refused_untouched(tmp_path):
