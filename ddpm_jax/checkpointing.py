@@ -256,6 +256,42 @@ def check_writable(workdir: str) -> None:
                             f"{e.strerror or e}.") from None
 
 
+def check_shared_workdir(workdir: str) -> None:
+  """Checks that every process of a multi-process run sees the same `workdir`.
+
+  The processes write each checkpoint together; a workdir that is local to
+  each host would fail only at the first save (by default after 10,000
+  steps). Process 0 writes a file there that every process must then see.
+  Collective: every process calls it. A URL (gs://...) is not checked.
+
+  Raises:
+    CheckpointError: on every process, naming those that do not see the file.
+  """
+  if jax.process_count() == 1 or "://" in str(workdir):
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  nonce = int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(2**31))))
+  marker = os.path.join(workdir, f".shared-check-{nonce}")
+  if jax.process_index() == 0:
+    with open(marker, "w") as f:
+      f.write("written by process 0 of this run; removed when all saw it\n")
+  multihost_utils.sync_global_devices("ddpm_jax: marker written")
+  seen = multihost_utils.process_allgather(np.int32(os.path.exists(marker)))
+  multihost_utils.sync_global_devices("ddpm_jax: marker seen")
+  if jax.process_index() == 0:
+    os.remove(marker)
+  blind = [i for i, s in enumerate(np.asarray(seen).ravel()) if not s]
+  if blind:
+    raise CheckpointError(
+        f"--workdir {workdir} is not the same directory on every process: "
+        f"process(es) {', '.join(map(str, blind))} do not see the file process "
+        "0 wrote there. All processes write each checkpoint together: use a "
+        "file system every host mounts at the same path (NFS, Filestore, a "
+        "gcsfuse mount).")
+
+
 # ----------------------------------------------------------------------------
 # The checkpoint manager
 

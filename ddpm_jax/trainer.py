@@ -428,6 +428,7 @@ def train_and_evaluate(
     if steps and steps[-1] > 0:
       checkpointing.check_resume_config(workdir, config)
   checkpointing.check_writable(workdir)
+  checkpointing.check_shared_workdir(workdir)
   max_to_keep = config.training.max_to_keep
   manager = checkpointing.create_manager(
       workdir, max_to_keep=None if max_to_keep is None else int(max_to_keep))

@@ -220,3 +220,44 @@ def test_a_failed_background_save_is_reported_before_the_next_save(tmp_path):
   assert message.endswith("Training stopped. Fix the cause (e.g. free disk "
                           "space) and run the same command again: no step was "
                           "saved yet, so it starts afresh."), message
+
+
+_SHARED_WORKDIR_SCRIPT = """
+import sys
+from ddpm_jax import checkpointing, parallel
+address, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+parallel.initialize_distributed(address, 2, process_id)
+checkpointing.check_writable(workdir)
+try:
+  checkpointing.check_shared_workdir(workdir)
+  print("shared")
+except checkpointing.CheckpointError as e:
+  print(e)
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_process_must_see_the_same_workdir(tmp_path, shared):
+  """Checked at start-up on every process, not at the first save."""
+  script = tmp_path / "check.py"
+  script.write_text(_SHARED_WORKDIR_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  address = f"127.0.0.1:{20000 + (os.getpid() + 11 + shared) % 20000}"
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), address, str(i),
+       str(tmp_path / ("run" if shared else f"host{i}"))],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    if shared:  # (gloo prints its own lines too)
+      assert out.strip().splitlines()[-1] == "shared", out
+    else:
+      assert "is not the same directory on every process: process(es) 1 do not " \
+             "see the file process 0 wrote there" in out, out
+  # The marker is removed; nothing else is left.
+  names = [n for d in ("run", "host0", "host1") if (tmp_path / d).exists()
+           for n in os.listdir(tmp_path / d)]
+  assert names == ["checkpoints"] * len(names)
