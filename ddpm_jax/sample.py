@@ -43,8 +43,9 @@ flags.DEFINE_string("steps", None,
 flags.DEFINE_float("eta", 0.0, "DDIM noise scale (0 = deterministic).")
 flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
 flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
-                    "sample_stepN_{sampler}{K}[_eta{E}][_raw][_cond{hash}]_seed{S}.npz, "
-                    "K sampling steps).")
+                    "sample_stepN_{sampler}{K}[_strided|_sections{a-b-c}]"
+                    "[_eta{E}][_raw][_cond{hash}]_n{N}_seed{S}.npz, K "
+                    "sampling steps).")
 flags.DEFINE_string("grid", None, "Output .png grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
 # Conditional generation.
@@ -131,7 +132,7 @@ def _default_out(step: int, d, num_timesteps: int) -> str:
   name = (f"sample_step{step}_{FLAGS.sampler}{d.num_timesteps}"
           f"{_spacing_tag(d, num_timesteps)}")
   if FLAGS.sampler == "ddim" and FLAGS.eta:
-    name += f"_eta{FLAGS.eta:g}"
+    name += f"_eta{FLAGS.eta!r}"  # exact: 0.1234567 and 0.1234568 differ
   if FLAGS.params == "raw":
     name += "_raw"
   conditioning = {}
