@@ -72,6 +72,13 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
         "Classifier-free guidance needs a class-conditional model (trained "
         "with model.num_classes > 0 and training.label_dropout > 0); this "
         "model is unconditional.")
+  if options.guidance_scale > 0 and not float(config.training.label_dropout):
+    # Its "no class" prediction was never trained.
+    raise ValueError(
+        "Classifier-free guidance needs a model trained with label dropout "
+        "(training.label_dropout > 0, e.g. configs/digits_cond.py); this one "
+        "was trained with training.label_dropout=0, so its unconditional "
+        "prediction is untrained. Sample it with --class_label alone.")
   if options.resample < 1:
     raise ValueError(f"resample must be >= 1, got {options.resample}.")
   d = models.create_diffusion(config)
@@ -172,6 +179,15 @@ def _check_classifier(config, classifier_config) -> int:
     raise ValueError("The classifier was trained on T="
                      f"{c.diffusion.num_timesteps} noise levels, the model on "
                      f"T={config.diffusion.num_timesteps}.")
+  # The classifier reads x_t at the model's noise levels: the same betas.
+  if not np.allclose(models.create_diffusion(c).betas,
+                     models.create_diffusion(config).betas, rtol=1e-6, atol=0):
+    d_c, d_m = c.diffusion, config.diffusion
+    raise ValueError(
+        "The classifier was trained with other noise levels than the model "
+        f"(betas {d_c.beta_schedule} {d_c.beta_start}..{d_c.beta_end} against "
+        f"{d_m.beta_schedule} {d_m.beta_start}..{d_m.beta_end}): train it "
+        "with the model's diffusion settings.")
   k = int(c.model.num_classes)
   if int(config.model.num_classes) not in (0, k):
     raise ValueError(f"The classifier has {k} classes, the model "

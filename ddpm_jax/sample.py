@@ -33,7 +33,8 @@ from ddpm_jax import files
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
-flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA parameters (default) or the raw ones.")
+flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA parameters (default) "
+                  "or the raw ones (of both stages of a cascade).")
 flags.DEFINE_integer("num_samples", 64, "Number of samples N.")
 flags.DEFINE_integer("batch_size", 64, "Samples per compiled batch over all devices.")
 flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "ddim"], "Reverse-process sampler.")
@@ -188,7 +189,8 @@ def _load_upsampler(config, num_samples: int):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
-  sr_config, sr_params, _ = checkpointing.load_params(FLAGS.upsampler_workdir)
+  sr_config, sr_params, _ = checkpointing.load_params(
+      FLAGS.upsampler_workdir, which="ema" if FLAGS.params == "ema" else "params")
   low_res_size = int(sr_config.model.get("low_res_size", 0))
   if not low_res_size:
     raise ValueError(
@@ -211,6 +213,10 @@ def _load_upsampler(config, num_samples: int):
                                          eta=FLAGS.eta)
   low_res = np.broadcast_to(np.float32(0), (  # only its shape is checked
       num_samples, low_res_size, low_res_size, config.data.channels))
+  try:
+    generation.sampling_diffusion(sr_config, sr_options)
+  except ValueError as e:  # say which stage's steps
+    raise ValueError(f"--upsampler_steps {FLAGS.upsampler_steps}: {e}") from None
   generation.check_request(
       sr_config, num_samples=num_samples, batch_size=FLAGS.batch_size,
       options=sr_options, seed=FLAGS.seed, low_res=low_res,

@@ -68,6 +68,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"data.num_classes={config.data.num_classes} classes: a "
           "class-conditional model is trained on every class of its data set "
           "(set both alike, or model.num_classes=0 for an unconditional one).")
+  if float(t.label_dropout) and m.get("name", "unet") == "classifier":
+    raise ValueError(
+        f"training.label_dropout={t.label_dropout} applies to a "
+        "class-conditional diffusion model, not to a classifier; set it to 0.")
   if float(t.label_dropout) and not classes:
     raise ValueError(
         f"training.label_dropout={t.label_dropout} applies to a "

@@ -95,6 +95,38 @@ def test_num_classes_must_match_the_data():
     models.create_model(config)
 
 
+def test_guidance_needs_a_classifier_of_the_same_noise_levels():
+  """It reads x_t at the model's levels: the same T and the same betas."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
+  base = digits.get_config("test")
+  classifier = digits_classifier.get_config("test")
+  classifier.diffusion.num_timesteps = base.diffusion.num_timesteps
+  options = generation.SamplerOptions(classifier_scale=1.0)
+  check = lambda: generation.check_request(  # noqa: E731
+      base, num_samples=2, batch_size=2, options=options,
+      classifier_config=classifier)
+  check()
+  classifier.diffusion.beta_schedule = "cosine"
+  with pytest.raises(ValueError, match=r"other noise levels than the model "
+                     r"\(betas cosine .* against linear"):
+    check()
+  classifier.diffusion.beta_schedule = base.diffusion.beta_schedule
+  classifier.diffusion.beta_end = 2 * base.diffusion.beta_end
+  with pytest.raises(ValueError, match="other noise levels"):
+    check()
+
+
+def test_label_dropout_is_refused_for_a_classifier(tmp_path):
+  from ddpm_jax import trainer  # pylint: disable=g-import-not-at-top
+  config = digits_classifier.get_config("test")
+  config.training.label_dropout = 0.2
+  with pytest.raises(ValueError, match="label_dropout=0.2 applies to a "
+                     "class-conditional diffusion model, not to a classifier"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 def test_classifier_rejects_a_class_label_argument():
   config = digits_classifier.get_config("test")
   model, params = init_random(config, abstract=True)

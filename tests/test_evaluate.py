@@ -144,6 +144,13 @@ def test_cli_errors(pretrained_run, tmp_path):
   assert r.returncode == 1 and "not a run directory" in r.stderr
 
 
+def test_bits_per_dim_refuses_a_super_resolution_run_before_computing():
+  from configs import digits_sr  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"super-resolution model "
+                     r"\(model.low_res_size=8\): its likelihood is conditional"):
+    bpd.check_inputs(digits_sr.get_config("test"))
+
+
 def test_cli_checks_every_metric_before_computing(pretrained_run, tmp_path):
   """FID's setup is refused before the bits/dim pass, not after it."""
   eval_dir = os.path.join(pretrained_run, "eval")

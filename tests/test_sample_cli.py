@@ -185,6 +185,13 @@ def test_cli_conditional_request_errors(pretrained_run, tmp_path):
 def test_cli_class_labels_are_checked_and_saved(tmp_path):
   workdir = str(tmp_path / "cond")
   config = tiny_config(num_classes=10)
+  # Guidance needs the "no class" prediction, trained by label dropout.
+  checkpointing.save_pretrained(str(tmp_path / "no_dropout"), config,
+                                random_params(config))
+  r = run_cli("--workdir", str(tmp_path / "no_dropout"), "--class_label", "4",
+              "--guidance_scale", "1.5")
+  assert r.returncode == 1 and "training.label_dropout=0" in r.stderr, r.stderr
+  config.training.label_dropout = 0.1
   checkpointing.save_pretrained(workdir, config, random_params(config))
   out = str(tmp_path / "c.npz")
   r = run_cli("--workdir", workdir, "--num_samples", "3", "--class_label",
@@ -228,10 +235,54 @@ def test_cli_two_stage_cascade_upsamples_the_base_samples(pretrained_run, tmp_pa
   assert_images_close(samples, image_grid.to_uint8(np.asarray(x)))
 
 
+def _sr_run(tmp_path):
+  from configs import digits_sr  # pylint: disable=g-import-not-at-top
+  sr_dir = str(tmp_path / "sr")
+  sr_config = digits_sr.get_config("test")
+  sr_config.diffusion.num_timesteps = 20
+  checkpointing.save_pretrained(sr_dir, sr_config, random_params(sr_config))
+  return sr_dir
+
+
 def test_cli_cascade_errors(pretrained_run, tmp_path):
   r = run_cli("--workdir", pretrained_run, "--upsampler_workdir", pretrained_run)
   assert r.returncode == 1 and "not a super-resolution model" in r.stderr
   assert "0x0" not in r.stderr
+  r = run_cli("--workdir", pretrained_run, "--upsampler_workdir",
+              _sr_run(tmp_path), "--upsampler_steps", "50")
+  assert r.returncode == 1, r.stderr
+  assert "error: --upsampler_steps 50: Respacing '50' asks for 50 steps" in r.stderr
+
+
+_UPSAMPLER_PARAMS_SCRIPT = """
+import sys
+from absl import flags
+from ddpm_jax import checkpointing, sample
+base, sr, params = sys.argv[1:]
+flags.FLAGS(["sample", "--workdir", base, "--upsampler_workdir", sr,
+             "--params", params])
+read = []
+load = checkpointing.load_params
+def spy(workdir, **kwargs):
+  read.append(kwargs.get("which", "ema"))
+  return load(workdir, **kwargs)
+checkpointing.load_params = spy
+sample._load_upsampler(load(base)[0], 2)
+print(read)
+"""
+
+
+@pytest.mark.parametrize("params, which", [("raw", "params"), ("ema", "ema")])
+def test_params_choice_applies_to_both_stages(pretrained_run, tmp_path, params,
+                                              which):
+  script = tmp_path / "spy.py"
+  script.write_text(_UPSAMPLER_PARAMS_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  r = subprocess.run([sys.executable, str(script), pretrained_run,
+                      _sr_run(tmp_path), params], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip() == repr([which])
 
 
 def test_batch_is_capped_at_the_samples_and_keeps_them(pretrained_run, monkeypatch):

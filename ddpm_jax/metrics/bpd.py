@@ -52,12 +52,19 @@ def check_inputs(config: ml_collections.ConfigDict, *, split: str = "test",
   """The number of examples `evaluate_bpd` would evaluate; checks, computes nothing.
 
   Raises:
-    ValueError: a classifier run (no likelihood), a bad data config or split,
-      or num_examples outside [1, len(split)].
+    ValueError: a classifier run (no likelihood), a super-resolution run
+      (its bound is conditional on a low-resolution image), a bad data
+      config or split, or num_examples outside [1, len(split)].
   """
   if models.is_classifier(config):
     raise ValueError("This run is a noise-aware classifier: it has no "
                      "likelihood to evaluate.")
+  if int(config.model.get("low_res_size", 0)):
+    raise ValueError(
+        "This run is a super-resolution model (model.low_res_size="
+        f"{config.model.low_res_size}): its likelihood is conditional on a "
+        "low-resolution image, which bits/dim does not evaluate; evaluate "
+        "the base model of the cascade instead.")
   total = len(input_pipeline.create_source(config, split))
   if num_examples is None:
     return total
