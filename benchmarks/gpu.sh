@@ -19,7 +19,8 @@
 #               call, where the step is GPU-bound), 5 sampling steps and a
 #               forward pass: per-op summaries in profile.log,
 #               the traces as OUTDIR/{train,sample,forward}.trace.json.gz
-#               (read them with python -m benchmarks.trace_summary FILE).
+#               (the step prints the trace_summary command for each, with
+#               its --steps).
 #   6. scale:   training at batch 256 and 512 with 8 steps per call (batch
 #               256 compiled in 69 s on an H200), and the 50k samples at
 #               batch 5000.
@@ -32,9 +33,12 @@
 # minutes): each step's limit shrinks to what is left, and a step with under
 # 30 s left is skipped. --smoke runs the same steps on the tiny digits model
 # (CPU is fine): a check of this script, not a measurement.
+# Python: $PYTHON if set, else the repository's .venv/bin/python if there is
+# one, else python3. Exits 1 if any step failed (a step skipped for lack of
+# --budget is not a failure), 2 on bad options.
 set -uo pipefail
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 smoke=0
 budget=0
 out=gpu_results
@@ -67,11 +71,18 @@ if [[ -z "${steps//,/}" ]]; then
   exit 2
 fi
 mkdir -p "$out"
-py=${PYTHON:-python3}
+py=${PYTHON:-}
+if [[ -z "$py" ]]; then
+  here="$(cd "$(dirname "$0")/.." && pwd)"
+  if [[ -x "$here/.venv/bin/python" ]]; then py="$here/.venv/bin/python"; else py=python3; fi
+fi
 export PYTHONUNBUFFERED=1
 
 cifar=configs/cifar10.py
 big=configs/celebahq256.py
+failed=()   # "name (exit N)" of each step that failed
+skipped=()  # steps skipped for lack of --budget
+ran=0
 # name limit_s args...: runs one benchmark, logging to $out/name.log, within
 # its limit and what is left of --budget.
 step() {
@@ -81,13 +92,17 @@ step() {
     local left=$((budget - SECONDS))
     if ((left < 30)); then
       echo "== $name: skipped, ${left} s of the --budget left"
+      skipped+=("$name")
       return 0
     fi
     ((left < limit)) && limit=$left
   fi
   echo "== $name (limit ${limit} s): $*"
   timeout "$limit" "$py" -m "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
-  echo "== $name: exit ${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc$( ((rc == 124)) && echo " (timed out after ${limit} s)")"
+  ran=$((ran + 1))
+  ((rc == 0)) || failed+=("$name (exit $rc)")
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
@@ -103,7 +118,9 @@ if ((smoke)); then
   sample_args=(--num_samples 8 --batch_size 4 --measured_steps 2 --repeats 1)
   mem_args=(--batch_size 4 --repeats 1 --train_iters 1)
   peer_args=(--batch_size 4 --repeats 1 --train_iters 1 --sample_steps 2)
-  profile_args=(--batch_size 4 --repeats 1 --train_iters 2 --steps_per_call 2 --sample_steps 2)
+  profile_train_iters=2
+  profile_sample_steps=2
+  profile_args=(--batch_size 4 --repeats 1 --steps_per_call 2)
   scale_batches=(4 8)
   many_steps=2  # steps per call in scale
   scale_args=(--repeats 1 --train_iters 2)
@@ -116,7 +133,9 @@ else
   sample_args=(--num_samples 50000 --batch_size 2500 --measured_steps 20 --repeats 3)
   mem_args=(--batch_size 64 --repeats 2 --train_iters 3)
   peer_args=(--batch_size 128 --repeats 3 --train_iters 10 --sample_steps 10)
-  profile_args=(--batch_size 128 --repeats 1 --train_iters 16 --steps_per_call 8 --sample_steps 5)
+  profile_train_iters=16
+  profile_sample_steps=5
+  profile_args=(--batch_size 128 --repeats 1 --steps_per_call 8)
   scale_batches=(256 512)
   many_steps=8
   scale_args=(--repeats 3 --train_iters 16)
@@ -148,10 +167,16 @@ run_step() {
       local traces part newest
       traces=$(mktemp -d)
       step profile 240 benchmarks.throughput --config "$cifar" --dtype bfloat16 \
-        --peak_tflops 989 --profile "$traces" "${profile_args[@]}"
+        --peak_tflops 989 --profile "$traces" --train_iters "$profile_train_iters" \
+        --sample_steps "$profile_sample_steps" "${profile_args[@]}"
       for part in train sample forward; do
         newest=$(find "$traces/$part" -name '*.trace.json.gz' 2>/dev/null | sort | tail -1)
-        [[ -n "$newest" ]] && cp "$newest" "$out/$part.trace.json.gz"
+        if [[ -n "$newest" ]] && cp "$newest" "$out/$part.trace.json.gz"; then
+          local n=1
+          [[ $part == train ]] && n=$profile_train_iters
+          [[ $part == sample ]] && n=$profile_sample_steps
+          echo "== read with: $py -m benchmarks.trace_summary $out/$part.trace.json.gz --steps $n"
+        fi
       done
       rm -rf "$traces" ;;
     scale)
@@ -179,3 +204,9 @@ for s in ${steps//,/ }; do
   run_step "$s"
 done
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv 2>/dev/null || true
+summary="$ran step(s) ran, ${#failed[@]} failed, ${#skipped[@]} skipped for the --budget"
+if ((${#failed[@]})); then
+  echo "== FAILED: $summary; failed: ${failed[*]}"
+  exit 1
+fi
+echo "== done: $summary${skipped[*]:+ (${skipped[*]})}"

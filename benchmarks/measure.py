@@ -5,7 +5,6 @@ import platform
 import resource
 import statistics
 import subprocess
-import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -154,14 +153,39 @@ def machine_info() -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-  """Writes `data` to `path` atomically (temp file in the same dir, then rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """Writes `data` to `path` atomically (`ddpm_jax.files.atomic_write`: 0666 less the umask)."""
+  from ddpm_jax import files  # pylint: disable=g-import-not-at-top
+  with files.atomic_write(path, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+
+
+def _check_creatable(path: str, flag: str) -> None:
+  """Raises ValueError unless the nearest existing ancestor of `path` is a writable directory."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag} {path}: cannot be created, {parent} is not a directory.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag} {path}: cannot be created, {parent} is not writable.")
+
+
+def check_output_file(path: str, flag: str = "--json") -> None:
+  """Raises ValueError if `path` cannot be written (checked before a long run)."""
+  if os.path.isdir(path):
+    raise ValueError(f"{flag} {path}: is a directory; give a file name.")
+  if os.path.exists(path):
+    if not os.path.isfile(path):
+      raise ValueError(f"{flag} {path}: exists and is not a regular file.")
+  _check_creatable(path, flag)  # atomic_write writes beside it, then renames
+
+
+def check_output_dir(path: str, flag: str = "--profile") -> None:
+  """Raises ValueError if directory `path` cannot be created or written."""
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise ValueError(f"{flag} {path}: exists and is not a directory.")
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise ValueError(f"{flag} {path}: is not writable.")
+  else:
+    _check_creatable(path, flag)

@@ -74,6 +74,21 @@ def diffusers_unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return cfg
 
 
+def check_config(config: ml_collections.ConfigDict,
+                 threads: Optional[int] = None) -> None:
+  """Raises ValueError unless the peer can mirror `config` (network and schedule).
+
+  Cheap (no torch): run before compiling anything, so a run that cannot
+  compare fails in seconds.
+  """
+  diffusers_unet_config(config)
+  if config.diffusion.beta_schedule != "linear":
+    raise ValueError("The diffusers peer is set up for linear betas, got "
+                     f"{config.diffusion.beta_schedule!r}.")
+  if threads is not None and threads < 1:
+    raise ValueError(f"--torch_threads must be >= 1 (or unset for all cores), got {threads}.")
+
+
 def setup_torch(threads: Optional[int] = None):
   """Imports torch; with `threads`, sets its intra-op thread count. Returns torch."""
   import torch  # pylint: disable=g-import-not-at-top

@@ -109,10 +109,20 @@ def run_benchmark(config, *, num_samples: int, batch_size: int, measured_steps: 
                   ("repeats", repeats)):
     if v < 1:
       raise ValueError(f"--{name} must be >= 1, got {v}.")
+  num_t = int(config.diffusion.num_timesteps)
+  if ddim_steps > num_t:
+    raise ValueError(f"--ddim_steps must be in 1..{num_t} (diffusion.num_timesteps), got "
+                     f"{ddim_steps}.")
+  if torch_threads is not None and torch_threads < 1:
+    raise ValueError(f"--torch_threads must be >= 1 (or unset for all cores), got "
+                     f"{torch_threads}.")
   config = copy.deepcopy(config)
   if compare == "diffusers" and config.model.dtype != "float32":
     raise ValueError("--compare diffusers runs float32 on both sides; drop --dtype "
                      f"{config.model.dtype}.")
+  if compare == "diffusers":
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    peer.check_config(config, torch_threads)  # before anything compiles
   batch_size = min(batch_size, num_samples)
   num_batches = math.ceil(num_samples / batch_size)
   result: dict[str, Any] = dict(
@@ -188,10 +198,11 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
   parser.add_argument("--config", default="configs/cifar10.py")
   parser.add_argument("--num_samples", type=int, default=8)
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--measured_steps", type=int, default=20,
-                      help="steps timed per chain (the rest is extrapolated)")
+  parser.add_argument("--measured_steps", type=int, default=None,
+                      help="steps timed per chain (the rest is extrapolated; default 20, "
+                      "--quick: 2)")
   parser.add_argument("--ddim_steps", type=int, default=50)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   parser.add_argument("--attention_algorithm", choices=("einsum", "cudnn"), default=None,
                       help="model.attention_algorithm (default: the config's; 'cudnn' "
@@ -202,13 +213,18 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
                       "comparison also run JAX single-threaded: XLA_FLAGS="
                       "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'")
   parser.add_argument("--quick", action="store_true",
-                      help="smoke test: 1 repeat of 2 timed steps (well under a minute with "
+                      help="smoke test: 1 repeat of 2 timed steps unless given explicitly (well "
+                      "under a minute with "
                       "--config configs/digits.py:test)")
   parser.add_argument("--json", default=None, help="also write every number to this file")
   args = parser.parse_args(argv)
-  if args.quick:
-    args.repeats, args.measured_steps = 1, 2
+  # Explicit flags win over --quick's sizes, which win over the defaults.
+  for name, (quick, default) in dict(repeats=(1, 3), measured_steps=(2, 20)).items():
+    if getattr(args, name) is None:
+      setattr(args, name, quick if args.quick else default)
   try:
+    if args.json:
+      measure.check_output_file(args.json, "--json")
     scratch = cpu_memory.reuse_scratch() if reuse_scratch else "not set"
     print(f"XLA CPU scratch reuse (ddpm_jax.cpu_memory): {scratch}", flush=True)
     config = measure.load_config(args.config)

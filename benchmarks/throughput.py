@@ -264,11 +264,22 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
   if steps_per_call < 1 or train_iters % steps_per_call:
     raise ValueError(f"--train_iters ({train_iters}) must be a multiple of "
                      f"--steps_per_call ({steps_per_call}).")
+  num_t = int(config.diffusion.num_timesteps)
+  if not 1 <= sample_steps <= num_t:
+    raise ValueError(f"--sample_steps must be in 1..{num_t}, got {sample_steps}.")
+  if torch_threads is not None and torch_threads < 1:
+    raise ValueError(f"--torch_threads must be >= 1 (or unset for all cores), got "
+                     f"{torch_threads}.")
   config = copy.deepcopy(config)
   config.training.steps_per_call = steps_per_call
   if compare == "diffusers" and config.model.dtype != "float32":
     raise ValueError("--compare diffusers runs float32 on both sides; drop --dtype "
                      f"{config.model.dtype} (or compare none).")
+  if compare == "diffusers":
+    from benchmarks import peer  # pylint: disable=g-import-not-at-top
+    peer.check_config(config, torch_threads)  # before our programs compile (minutes)
+  if profile_dir:
+    measure.check_output_dir(profile_dir, "--profile")
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}[config.model.dtype]
   result: dict[str, Any] = dict(
@@ -382,8 +393,9 @@ def run_benchmark(config, *, batch_size: int, repeats: int = 5, train_iters: int
         with jax.profiler.trace(where):
           getattr(ours, kind)(*([train_iters] if kind == "train" else []))
         steps = {"train": train_iters, "sample": sample_steps}.get(kind, 1)
-        summary = trace_summary.summarize(where, steps)
-        log(f"== profile of ours, {kind} (per {'step' if kind != 'forward' else 'call'}):")
+        summary = trace_summary.summarize(where, steps,
+                                          unit="call" if kind == "forward" else "step")
+        log(f"== profile of ours, {kind} ({summary['per']}):")
         trace_summary.report(summary, top=15, log=log)
         result["profile"][kind] = summary
     result["peak_memory"] = measure.peak_memory()
@@ -470,15 +482,17 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
                       help="torch intra-op threads (default: all cores). For a one-thread "
                       "comparison also run JAX single-threaded: XLA_FLAGS="
                       "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--train_iters", type=int, default=2, help="train steps per repeat")
-  parser.add_argument("--sample_steps", type=int, default=4,
-                      help="ancestral steps per timed sampling chunk")
+  parser.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 1)")
+  parser.add_argument("--train_iters", type=int, default=None,
+                      help="train steps per repeat (default 2; --quick: 1)")
+  parser.add_argument("--sample_steps", type=int, default=None,
+                      help="ancestral steps per timed sampling chunk (default 4; --quick: 2)")
   parser.add_argument("--steps_per_call", type=int, default=1,
                       help="our train steps per compiled call (training.steps_per_call: "
                       "a lax.scan over K batches); --train_iters must be a multiple")
   parser.add_argument("--quick", action="store_true",
-                      help="smoke test: 1 repeat, 1 train step, 2 sampling steps (well under "
+                      help="smoke test: 1 repeat, 1 train step, 2 sampling steps unless given "
+                      "explicitly (well under "
                       "a minute with --config configs/digits.py:test; the CIFAR-10 train "
                       "step alone compiles in ~1 min on 2 cores)")
   parser.add_argument("--peak_tflops", type=float, default=None,
@@ -489,9 +503,14 @@ def main(argv: Optional[list[str]] = None, reuse_scratch: bool = False) -> int:
                       "jax.profiler into DIR/PART and print where the time goes")
   parser.add_argument("--json", default=None, help="also write every number to this file")
   args = parser.parse_args(argv)
-  if args.quick:
-    args.repeats, args.train_iters, args.sample_steps = 1, 1, 2
+  # Explicit flags win over --quick's sizes, which win over the defaults.
+  sizes = dict(repeats=(1, 5), train_iters=(1, 2), sample_steps=(2, 4))
+  for name, (quick, default) in sizes.items():
+    if getattr(args, name) is None:
+      setattr(args, name, quick if args.quick else default)
   try:
+    if args.json:
+      measure.check_output_file(args.json, "--json")
     scratch = cpu_memory.reuse_scratch() if reuse_scratch else "not set"
     print(f"XLA CPU scratch reuse (ddpm_jax.cpu_memory): {scratch}", flush=True)
     config = measure.load_config(args.config)

@@ -9,6 +9,10 @@ streams and reports how busy the device was over the traced span (idle
 time = launch gaps and host work); on a CPU trace it sums the XLA op events
 of the runtime's threads. Op names lose their numeric suffix
 (`loop_add_fusion.12` -> `loop_add_fusion`), so the rows are kinds of op.
+On a CPU trace each op counts its own (exclusive) time: an op event nested in
+another on the same thread (the ops of a CPU `while` loop's body inside the `while` event)
+is subtracted from the enclosing one, so nothing is counted twice. Times are
+for the whole trace, or per step with `--steps N` (the steps it holds).
 A GPU kernel counts under its HLO op, except inside an XLA command buffer (a
 CUDA graph of many ops, whose op name says nothing): there it counts under
 its own kernel name, with cuDNN convolutions as `cudnn conv fprop/dgrad/wgrad`
@@ -71,16 +75,44 @@ def _busy_us(intervals) -> float:
   return total
 
 
-def summarize(path: str, steps: int = 1) -> dict[str, Any]:
-  """Per-kind op time of one trace, per step.
+def _self_times(ops) -> list[float]:
+  """Exclusive duration of each `(kind, ts, dur, thread)`: less its nested events.
+
+  An event that starts inside another on the same thread is its child (the
+  CPU runtime's `while` contains its body's ops); its overlap is taken off
+  the parent's time, so the sum over events is the union of the outermost.
+  """
+  self_us = [dur for _, _, dur, _ in ops]
+  by_thread = collections.defaultdict(list)
+  for i, (_, ts, dur, thread) in enumerate(ops):
+    by_thread[thread].append((ts, -dur, i))
+  for events in by_thread.values():
+    stack = []  # (end, index) of the enclosing events
+    for ts, neg_dur, i in sorted(events):
+      while stack and stack[-1][0] <= ts:
+        stack.pop()
+      end = ts - neg_dur
+      if stack:
+        parent_end, parent = stack[-1]
+        self_us[parent] -= min(end, parent_end) - ts
+      stack.append((end, i))
+  return [max(0.0, t) for t in self_us]
+
+
+def summarize(path: str, steps: Optional[int] = None, unit: str = "step") -> dict[str, Any]:
+  """Per-kind op time of one trace: in all, or per step with `steps`.
 
   Returns:
-    dict(trace, device (the traced device, or 'cpu'), span_ms (first op start
-    to last op end), busy_ms (union of op intervals), ops: list of
-    dict(kind, ms, count, percent) sorted by time, all per step).
+    dict(trace, device (the traced device, or 'cpu'), per ('per step', or
+    'whole trace' without `steps`; `unit` names the step, e.g. 'call'),
+    span_ms (first op start to last op end), busy_ms (union of op
+    intervals), ops: list of dict(kind, ms (exclusive time, see the module
+    docstring), count, percent) sorted by time, all divided by `steps`).
   """
-  if steps < 1:
+  if steps is not None and steps < 1:
     raise ValueError(f"--steps must be >= 1, got {steps}.")
+  per = f"per {unit}" if steps is not None else "whole trace"
+  steps = steps or 1
   trace = find_trace(path)
   with gzip.open(trace) as f:
     events = json.load(f)["traceEvents"]
@@ -102,24 +134,26 @@ def summarize(path: str, steps: int = 1) -> dict[str, Any]:
       if not _HLO_NAME.match(name) or name.startswith(_NOT_OPS):
         continue
       kind = _kind(name)
-    ops.append((kind, float(e["ts"]), float(e["dur"])))
+    ops.append((kind, float(e["ts"]), float(e["dur"]), (e["pid"], e.get("tid"))))
   if not ops:
     raise ValueError(f"{trace}: no op events found (was anything run while tracing?).")
   by_kind = collections.defaultdict(lambda: [0.0, 0])
-  for kind, _, dur in ops:
-    by_kind[kind][0] += dur
+  # GPU kernels do not nest (overlaps there are concurrent streams).
+  self_times = [d for _, _, d, _ in ops] if devices else _self_times(ops)
+  for (kind, _, _, _), self_us in zip(ops, self_times):
+    by_kind[kind][0] += self_us
     by_kind[kind][1] += 1
-  total = sum(v[0] for v in by_kind.values())
+  total = sum(v[0] for v in by_kind.values()) or 1.0
   rows = [dict(kind=k, ms=v[0] / 1e3 / steps, count=v[1] / steps, percent=100 * v[0] / total)
           for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])]
-  span = max(t + d for _, t, d in ops) - min(t for _, t, _ in ops)
+  span = max(t + d for _, t, d, _ in ops) - min(t for _, t, _, _ in ops)
+  busy = _busy_us((t, t + d) for _, t, d, _ in ops)
   return dict(trace=trace, device=", ".join(sorted(processes[p] for p in devices)) or "cpu",
-              span_ms=span / 1e3 / steps, busy_ms=_busy_us((t, t + d) for _, t, d in ops) / 1e3 / steps,
-              ops=rows)
+              per=per, span_ms=span / 1e3 / steps, busy_ms=busy / 1e3 / steps, ops=rows)
 
 
 def report(summary: dict, top: int = 25, log=print) -> None:
-  log(f"{summary['trace']} ({summary['device']}), per step: ops span "
+  log(f"{summary['trace']} ({summary['device']}), {summary['per']}: ops span "
       f"{summary['span_ms']:.2f} ms, busy {summary['busy_ms']:.2f} ms "
       f"({100 * summary['busy_ms'] / summary['span_ms']:.0f}%)")
   log(f"{'op kind':<48}{'ms':>10}{'count':>8}{'%':>7}")
@@ -133,8 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("path", help="a *.trace.json.gz file or a directory holding one")
   parser.add_argument("--top", type=int, default=25, help="rows to print")
-  parser.add_argument("--steps", type=int, default=1,
-                      help="steps the trace holds; times are divided by it")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="steps the trace holds; times are divided by it (default: "
+                      "times for the whole trace)")
   args = parser.parse_args(argv)
   try:
     report(summarize(args.path, args.steps), args.top)

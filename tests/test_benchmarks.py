@@ -248,14 +248,81 @@ def test_cli_errors(module, args, message, capsys):
   assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module, args, message", [
+    (throughput, ["--config", "configs/digits_cond.py", "--compare", "diffusers"],
+     "unconditional fixed-variance"),
+    (throughput, ["--compare", "diffusers", "--torch_threads", "0"],
+     "--torch_threads must be >= 1"),
+    (throughput, ["--compare", "diffusers", "--torch_threads", "-1"],
+     "--torch_threads must be >= 1"),
+    (throughput, ["--sample_steps", "0"], "--sample_steps must be in 1..100"),
+    (throughput, ["--quick", "--sample_steps", "101"], "--sample_steps must be in 1..100"),
+    (throughput, ["--json", "{afile}/x.json"], "is not a directory"),
+    (throughput, ["--json", "{tmp}"], "is a directory"),
+    (throughput, ["--profile", "{afile}"], "exists and is not a directory"),
+    (throughput, ["--profile", "{afile}/sub/dir"], "is not a directory"),
+    (sample_time, ["--config", "configs/digits_cond.py", "--compare", "diffusers"],
+     "unconditional fixed-variance"),
+    (sample_time, ["--torch_threads", "0"], "--torch_threads must be >= 1"),
+    (sample_time, ["--ddim_steps", "101"], "--ddim_steps must be in 1..100"),
+    (sample_time, ["--json", "{afile}/x.json"], "is not a directory"),
+])
+def test_cli_errors_come_before_compiling(module, args, message, tmp_path, monkeypatch,
+                                          capsys):
+  """Arguments that cannot work are refused in seconds with one line, before
+  our programs compile (minutes for the large models) and not after the run."""
+  def compiles(*unused_args, **unused_kwargs):
+    raise AssertionError("compiled before the arguments were checked")
+  monkeypatch.setattr(throughput, "Ours", compiles)
+  monkeypatch.setattr(sample_time, "_ours", compiles)
+  monkeypatch.setattr(measure, "matmul_peak_gflops", compiles)
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  args = [a.format(afile=afile, tmp=tmp_path) for a in args]
+  if "--config" not in args:
+    args = ["--config", "configs/digits.py:test", *args]
+  assert module.main(args) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    (throughput, ["--quick"], dict(repeats=1, train_iters=1, sample_steps=2)),
+    (throughput, ["--quick", "--repeats", "3", "--sample_steps", "7"],
+     dict(repeats=3, train_iters=1, sample_steps=7)),
+    (throughput, ["--train_iters", "4"], dict(repeats=5, train_iters=4, sample_steps=4)),
+    (sample_time, ["--quick"], dict(repeats=1, measured_steps=2)),
+    (sample_time, ["--quick", "--measured_steps", "9"], dict(repeats=1, measured_steps=9)),
+    (sample_time, [], dict(repeats=3, measured_steps=20)),
+])
+def test_explicit_flags_win_over_quick(module, args, expected, monkeypatch):
+  seen = {}
+  monkeypatch.setattr(module, "run_benchmark",
+                      lambda config, **kwargs: seen.update(kwargs) or {})
+  assert module.main(["--config", "configs/digits.py:test", *args]) == 0
+  assert {k: seen[k] for k in expected} == expected
+
+
+def test_write_json_is_atomic_with_the_umask_mode(tmp_path):
+  path = tmp_path / "sub" / "r.json"
+  old = os.umask(0o022)
+  try:
+    measure.write_json(str(path), {"a": 1})
+  finally:
+    os.umask(old)
+  assert json.loads(path.read_text()) == {"a": 1}
+  assert (os.stat(path).st_mode & 0o777) == 0o644
+  assert os.listdir(path.parent) == ["r.json"]
+
+
 GPU_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "benchmarks", "gpu.sh")
 
 
-def run_gpu_sh(*args, **kwargs):
+def run_gpu_sh(*args, env=None):
   return subprocess.run(["bash", GPU_SH, *args], capture_output=True, text=True,
                         timeout=300, cwd=os.path.dirname(os.path.dirname(GPU_SH)),
-                        env={**os.environ, "PYTHON": sys.executable}, **kwargs)
+                        env=env or {**os.environ, "PYTHON": sys.executable})
 
 
 def test_gpu_sh_static_checks():
@@ -284,11 +351,14 @@ def test_gpu_sh_smoke_runs_the_chosen_step(tmp_path):
 
 
 def test_gpu_sh_budget_skips_what_does_not_fit(tmp_path):
-  """Steps run in the order named; a step with under 30 s of --budget left is skipped."""
+  """Steps run in the order named; a step with under 30 s of --budget left is
+  skipped, which is not a failure."""
   proc = run_gpu_sh("--smoke", "--budget", "20", "--steps", "sample,mem256", str(tmp_path))
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  skipped = [line.split(":")[0] for line in proc.stdout.splitlines() if "skipped" in line]
+  skipped = [line.split(":")[0] for line in proc.stdout.splitlines()
+             if line.endswith("s of the --budget left")]
   assert skipped == ["== sample", "== mem256"]
+  assert "== done: 0 step(s) ran, 0 failed, 2 skipped" in proc.stdout
   assert os.listdir(tmp_path) == []
 
 
@@ -320,3 +390,40 @@ def test_gpu_sh_smoke_scale(tmp_path):
   with open(tmp_path / "scale_train_b8.json") as f:
     result = json.load(f)
   assert result["setup"]["batch_size"] == 8 and result["setup"]["steps_per_call"] == 2
+
+
+def fake_python(path, body):
+  """A python that runs `body` (bash) for `-m MODULE ...` and the real one otherwise."""
+  path.write_text(f'#!/bin/bash\nif [[ "$1" == -m ]]; then {body}; fi\n'
+                  f'exec {sys.executable} "$@"\n')
+  path.chmod(0o755)
+  return str(path)
+
+
+def test_gpu_sh_exits_1_when_a_step_fails(tmp_path):
+  """Every step runs; failures are listed at the end and the exit status is 1."""
+  py = fake_python(tmp_path / "python", 'echo "step $2"; [[ $2 == benchmarks.sample_time ]]; exit')
+  proc = run_gpu_sh("--smoke", "--steps", "mfu,sample,mem256", str(tmp_path / "out"),
+                    env={**os.environ, "PYTHON": py})
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "== mfu: exit 1" in proc.stdout and "== sample: exit 0" in proc.stdout
+  assert "== mem256: exit 1" in proc.stdout
+  assert proc.stdout.splitlines()[-1] == (
+      "== FAILED: 3 step(s) ran, 2 failed, 0 skipped for the --budget; failed: "
+      "mfu (exit 1) mem256 (exit 1)")
+
+
+def test_gpu_sh_uses_the_repository_venv(tmp_path):
+  """Without $PYTHON, the repository's .venv/bin/python (README's quick start, not
+  activated) runs the steps; $PYTHON overrides it."""
+  repo = tmp_path / "repo"
+  (repo / "benchmarks").mkdir(parents=True)
+  shutil.copy(GPU_SH, repo / "benchmarks" / "gpu.sh")
+  (repo / ".venv" / "bin").mkdir(parents=True)
+  fake_python(repo / ".venv" / "bin" / "python", 'echo "venv python ran $2"; exit 0')
+  env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+  proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", "--steps", "mfu", "out"],
+                        capture_output=True, text=True, timeout=300, cwd=repo, env=env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "venv python ran benchmarks.throughput" in proc.stdout
+  assert "PYTHON" in run_gpu_sh("--help").stdout

@@ -91,3 +91,37 @@ def test_cli_errors(tmp_path, capsys):
   write_trace(tmp_path / "empty.trace.json.gz", [])
   assert trace_summary.main([str(tmp_path / "empty.trace.json.gz")]) == 2
   assert "no op events" in capsys.readouterr().err
+
+
+def test_cpu_ops_nested_on_a_thread_count_once(tmp_path):
+  """A CPU `while` event holds its body's op events on the same thread: each
+  op counts its exclusive time, so the totals are the time the thread spent."""
+  op = lambda ts, dur, name, tid=5: {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur,
+                                     "name": name}
+  write_trace(tmp_path / "c.trace.json.gz", [
+      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+      op(0, 100, "while.1"),
+      op(10, 30, "loop_add_fusion.2"),   # inside the while
+      op(50, 40, "loop_add_fusion.3"),   # inside the while
+      op(20, 50, "loop_add_fusion.4", tid=6),  # another thread: not nested
+  ])
+  s = trace_summary.summarize(str(tmp_path))
+  rows = {r["kind"]: (r["ms"], r["count"]) for r in s["ops"]}
+  assert rows == {"loop_add_fusion": (pytest.approx(0.120), 3),
+                  "while": (pytest.approx(0.030), 1)}
+  assert sum(r["ms"] for r in s["ops"]) == pytest.approx(0.150)  # 100 + 50 us
+  assert sum(r["percent"] for r in s["ops"]) == pytest.approx(100)
+
+
+def test_per_step_only_with_steps(tmp_path, capsys):
+  """Without --steps the numbers are the whole trace's, and say so."""
+  gpu_trace(tmp_path / "x.trace.json.gz")
+  whole = trace_summary.summarize(str(tmp_path))
+  assert whole["per"] == "whole trace"
+  assert whole["span_ms"] == pytest.approx(0.220)
+  assert trace_summary.summarize(str(tmp_path), steps=2)["per"] == "per step"
+  assert trace_summary.main([str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "whole trace" in out and "per step" not in out
+  assert trace_summary.main([str(tmp_path), "--steps", "2"]) == 0
+  assert "per step" in capsys.readouterr().out
