@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Mapping, Optional
 
 import jax
@@ -247,10 +246,7 @@ def check_writable(workdir: str) -> None:
       raise CheckpointError(f"--workdir {workdir}: {directory} exists and is not a "
                             "directory; checkpoints are written there.")
     try:
-      os.makedirs(directory, exist_ok=True)
-      fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
-      os.close(fd)
-      os.remove(probe)
+      files.check_can_write(directory)
     except OSError as e:
       raise CheckpointError(f"--workdir {workdir}: cannot write to {directory}: "
                             f"{e.strerror or e}.") from None

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 
 import numpy as np
 from absl import app
@@ -26,6 +25,7 @@ from absl import flags
 
 from ddpm_jax import cli
 from ddpm_jax import cpu_memory
+from ddpm_jax import files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (training run or converted model).")
@@ -59,7 +59,6 @@ IS_SPLITS = 10
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-  from ddpm_jax import files  # pylint: disable=g-import-not-at-top
   with files.atomic_write(path, "w") as f:
     json.dump(data, f, indent=2)
 
@@ -305,18 +304,12 @@ def _check_directory(path: str, what: str) -> None:
 def _check_writable_directory(path: str, what: str) -> None:
   """Creates directory `path` if needed and checks a file can be made in it.
 
-  The check creates and removes a file (`os.access` says yes to root even
-  where nothing can be written, e.g. in /sys).
-
   Raises:
     ValueError: naming `what` and `path`, without a bare errno.
   """
   _check_directory(path, what)
   try:
-    os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
-    os.close(fd)
-    os.remove(probe)
+    files.check_can_write(path)
   except OSError as e:
     raise ValueError(f"{what} {path} cannot be written to ({e.strerror or e}); "
                      "choose a directory you can write to.") from e

@@ -52,6 +52,21 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     raise
 
 
+def check_can_write(directory: str) -> None:
+  """Creates `directory` if needed, then creates and removes a file in it.
+
+  `os.access` says yes to root even where nothing can be written (/sys, a
+  read-only mount), so this writes.
+
+  Raises:
+    OSError: the directory cannot be created or written.
+  """
+  os.makedirs(directory, exist_ok=True)
+  fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+  os.close(fd)
+  os.remove(probe)
+
+
 def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
   """The hex sha256 of a file's content, read in chunks of `chunk_size` bytes."""
   digest = hashlib.sha256()

@@ -65,3 +65,12 @@ def test_file_sha256_in_chunks(tmp_path):
   want = hashlib.sha256(content).hexdigest()
   assert files.file_sha256(path) == want
   assert files.file_sha256(path, chunk_size=7) == want  # 142 full chunks + 6 bytes
+
+
+def test_check_can_write_creates_the_directory_and_leaves_nothing(tmp_path):
+  target = tmp_path / "a" / "b"
+  files.check_can_write(str(target))
+  assert target.is_dir() and os.listdir(target) == []
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(OSError):  # a file where a parent directory should be
+    files.check_can_write(str(tmp_path / "file" / "c"))
