@@ -82,9 +82,7 @@ def check_config(config: ml_collections.ConfigDict,
   compare fails in seconds.
   """
   diffusers_unet_config(config)
-  if config.diffusion.beta_schedule != "linear":
-    raise ValueError("The diffusers peer is set up for linear betas, got "
-                     f"{config.diffusion.beta_schedule!r}.")
+  _check_schedule(config)
   if threads is not None and threads < 1:
     raise ValueError(f"--torch_threads must be >= 1 (or unset for all cores), got {threads}.")
 
@@ -192,13 +190,18 @@ def make_train_step(config: ml_collections.ConfigDict, model, batch_size: int,
   return step
 
 
+def _check_schedule(config) -> None:
+  if config.diffusion.beta_schedule != "linear":
+    raise ValueError("The diffusers peer is set up for linear betas, got "
+                     f"{config.diffusion.beta_schedule!r}.")
+
+
 def _scheduler(config, kind: str):
   from diffusers import DDIMScheduler, DDPMScheduler  # pylint: disable=g-import-not-at-top
   d = config.diffusion
   common = dict(num_train_timesteps=int(d.num_timesteps), beta_start=float(d.beta_start),
                 beta_end=float(d.beta_end), beta_schedule=d.beta_schedule, clip_sample=True)
-  if d.beta_schedule != "linear":
-    raise ValueError(f"The diffusers peer is set up for linear betas, got {d.beta_schedule!r}.")
+  _check_schedule(config)
   if kind == "ancestral":
     return DDPMScheduler(variance_type="fixed_large", **common)
   return DDIMScheduler(set_alpha_to_one=False, **common)

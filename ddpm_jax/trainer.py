@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "training.sample_every_steps=0 for no grids).")
   m = config.model
   classes = int(m.num_classes)
-  if m.get("name", "unet") != "classifier" and classes:
+  classifier = m.name == "classifier"  # `models.is_classifier`
+  if not classifier and classes:
     # Labels past the class embedding would index out of it, and the id
     # `classes` means "no class" (classifier-free guidance).
     if int(config.data.num_classes) != classes:
@@ -68,7 +69,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"data.num_classes={config.data.num_classes} classes: a "
           "class-conditional model is trained on every class of its data set "
           "(set both alike, or model.num_classes=0 for an unconditional one).")
-  if float(t.label_dropout) and m.get("name", "unet") == "classifier":
+  if float(t.label_dropout) and classifier:
     raise ValueError(
         f"training.label_dropout={t.label_dropout} applies to a "
         "class-conditional diffusion model, not to a classifier; set it to 0.")
@@ -260,14 +261,16 @@ def _console_line(step: int, num_train_steps: int, summary: dict) -> str:
   return line
 
 
-def _check_finite(metrics: dict, first_step: int, last_saved: Optional[int],
+def _check_finite(metrics: dict, first_step: int,
+                  last_saved: Callable[[], Optional[int]],
                   grad_clip: Optional[float]) -> None:
   """Raises NonFiniteError naming the first update with a NaN/Inf.
 
   Args:
     metrics: host metrics of one call ([K] or scalars).
     first_step: state.step before the call (updates are numbered from 1).
-    last_saved: the newest saved step, None if none.
+    last_saved: gives the newest saved step, None if none (asked only on
+      failure).
     grad_clip: `optim.grad_clip` (0 or None: no clipping), for the advice.
   """
   loss = np.atleast_1d(metrics["loss"])
@@ -275,8 +278,9 @@ def _check_finite(metrics: dict, first_step: int, last_saved: Optional[int],
   bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
   if bad.any():
     i = int(np.argmax(bad))
-    kept = ("no checkpoint was saved yet" if last_saved is None else
-            f"the last good checkpoint (step {last_saved}) is kept")
+    saved = last_saved()
+    kept = ("no checkpoint was saved yet" if saved is None else
+            f"the last good checkpoint (step {saved}) is kept")
     tries = ["a lower optim.lr"]
     tries.append(f"a smaller optim.grad_clip (now {grad_clip})" if grad_clip
                  else "optim.grad_clip > 0")
@@ -505,7 +509,7 @@ def train_and_evaluate(
         first, m = pending
         pending = None
         host = jax.device_get(m)
-        _check_finite(host, first, manager.latest_step(), config.optim.grad_clip)
+        _check_finite(host, first, manager.latest_step, config.optim.grad_clip)
         window.append(host)
 
     with _StopSignals() as stop_signals:
