@@ -115,8 +115,10 @@ class GaussianDiffusion:
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size < 1:
       raise ValueError(f"betas must be a 1-D array, got shape {betas.shape}.")
-    if not (np.all(betas > 0) and np.all(betas <= 1)):
-      raise ValueError("betas must all lie in (0, 1].")
+    bad = ~((betas > 0) & (betas <= 1))  # NaN is bad too
+    if np.any(bad):
+      raise ValueError(f"betas must all lie in (0, 1]; got {betas[bad][:8].tolist()} "
+                       f"at index {np.flatnonzero(bad)[:8].tolist()}.")
     if betas[-1] == 1.0 and model_mean_type == "eps":
       raise ValueError(
           "The last beta is 1 (alpha-bar_T = 0, as in the 'jsd' schedule): x_0 "
@@ -478,6 +480,14 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     whatever the inputs' dtypes (in bfloat16, 0.999 rounds to 1, which would
     move the edge bins of bfloat16 data into the interior formula).
   """
+  for name, a in (("means", means), ("log_scales", log_scales)):
+    try:
+      fits = np.broadcast_shapes(jnp.shape(a), jnp.shape(x)) == jnp.shape(x)
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(f"{name} must broadcast to x's shape {jnp.shape(x)}, "
+                       f"got {jnp.shape(a)}.")
   dtype = jnp.result_type(x, means, log_scales, jnp.float32)
   x, means, log_scales = (jnp.asarray(a, dtype) for a in (x, means, log_scales))
   centered = x - means

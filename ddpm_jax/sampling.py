@@ -68,6 +68,9 @@ def check_eta(eta) -> None:
   Above 1 the step's noise exceeds what the marginals allow: 1 - abar_prev -
   sigma^2 turns negative near t = 0 and its square root NaN.
   """
+  if jnp.ndim(eta) != 0:
+    raise ValueError(f"eta must be a scalar (one noise scale for every "
+                     f"example), got shape {jnp.shape(eta)}.")
   try:
     value = float(eta)
   except (jax.errors.TracerArrayConversionError,
@@ -107,10 +110,15 @@ def ddim_sample(d: GaussianDiffusion, model_fn: ModelFn, x, t, rng,
     eps = eps - (diff.extract(d.sqrt_one_minus_alphas_cumprod, t, n) *
                  diff.call_model(d, cond_fn, x, t))
     # Where abar_t = 0 (a schedule whose last beta is 1) x_t holds no trace
-    # of x_0: 1/sqrt(abar) is infinite, and the model's own x_0 is kept.
-    guided = diff.predict_xstart_from_eps(d, x, t, eps)
+    # of x_0: 1/sqrt(abar) is infinite, and the model's own x_0 is kept. The
+    # guided x_0 is computed there at t = 0 instead: its infinite factor
+    # would make the gradient through the unused branch NaN (0 * inf).
+    informative = d.alphas_cumprod[t] > 0
+    guided = diff.predict_xstart_from_eps(
+        d, x, jnp.where(informative, t, 0), eps)
     out["pred_xstart"] = jnp.where(
-        diff.extract(d.alphas_cumprod, t, n) > 0, guided, out["pred_xstart"])
+        informative.reshape((-1,) + (1,) * (n - 1)), guided,
+        out["pred_xstart"])
   abar = diff.extract(d.alphas_cumprod, t, n)
   abar_prev = diff.extract(d.alphas_cumprod_prev, t, n)
   sigma = (eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) *
@@ -359,6 +367,13 @@ def ddim_reverse_sample_loop(d: GaussianDiffusion, model_fn: ModelFn, x_start,
 # Respacing
 
 
+def _is_count(text: str) -> bool:
+  # ASCII digits, spaces around them allowed: int() would also take '5_0',
+  # '+5', '-3' and '٥٠'.
+  text = text.strip()
+  return text.isascii() and text.isdigit()
+
+
 def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
   """The timesteps kept when respacing T steps, as in improved DDPM.
 
@@ -374,12 +389,11 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
   spec = section_counts
   if isinstance(spec, str):
     if spec.startswith("ddim"):
-      try:
-        wanted = int(spec[len("ddim"):])
-      except ValueError:
+      if not _is_count(spec[len("ddim"):]):
         raise ValueError(
             f"Bad respacing {spec!r}: 'ddim' must be followed by a step count, "
-            "as in 'ddim50'.") from None
+            "as in 'ddim50'.")
+      wanted = int(spec[len("ddim"):])
       if wanted < 2:
         # Strides below T, as in improved DDPM: one step (t = 0 alone) would
         # denoise pure noise at the lowest noise level.
@@ -395,16 +409,18 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
           f"Cannot take exactly {wanted} evenly strided steps of "
           f"T={num_timesteps} for {spec!r}; pick another count or use "
           f"'{wanted}' (even spacing).")
-    try:
-      counts = [int(s) for s in spec.split(",")]
-    except ValueError:
+    if not all(_is_count(s) for s in spec.split(",")):
       raise ValueError(
           f"Bad respacing {spec!r}: use 'K', 'a,b,c' or 'ddimK' with integer "
-          "step counts.") from None
-  elif isinstance(spec, (int, np.integer)):
-    counts = [int(spec)]
+          "step counts.")
+    counts = [int(s) for s in spec.split(",")]
   else:
-    counts = [int(c) for c in spec]
+    values = [spec] if np.ndim(spec) == 0 else list(spec)
+    # No bools, and no floats: int(2.7) would keep 2 steps silently.
+    if not all(np.asarray(c).dtype.kind in "iu" for c in values):
+      raise ValueError(f"Bad respacing {spec!r}: step counts must be "
+                       "integers.")
+    counts = [int(c) for c in values]
   if not counts or any(c < 1 for c in counts):
     raise ValueError(f"Bad respacing {spec!r}: step counts must be >= 1.")
   if sum(counts) > num_timesteps:
@@ -434,9 +450,14 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
 def respace(d: GaussianDiffusion, section_counts):
   """A process over a subset of the timesteps of `d`, for faster sampling.
 
-  The kept steps' betas are recomputed in float64 from `d`'s alpha-bars as
-  beta_i = 1 - abar_{k_i} / abar_{k_{i-1}}, so the marginals q(x_t | x_0) of
-  the kept steps are unchanged; the model is fed the original timesteps.
+  The kept steps' betas are recomputed as beta_i = 1 - abar_{k_i} /
+  abar_{k_{i-1}}, with the alpha-bars the float64 cumulative product of `d`'s
+  float32 betas, so the marginals q(x_t | x_0) of the kept steps are those of
+  `d` to float32 precision; the model is fed the original timesteps. (Where
+  1 - beta is small, as in the cosine schedule's last steps, the float32
+  betas hold fewer digits of it: there the alpha-bars can differ from `d`'s
+  stored ones by ~1e-5 relative. Taking those instead would cost the small
+  betas near t = 0 three digits, which the bound's first terms need.)
 
   Args:
     d: a concrete (not traced) process, possibly itself respaced.

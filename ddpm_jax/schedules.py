@@ -69,6 +69,11 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
   elif name == "warmup50":
     betas = _warmup(beta_start, beta_end, t, 0.5)
   else:  # cosine
+    if not 0.0 < max_beta <= 1.0:
+      raise ValueError(f"max_beta must lie in (0, 1], got {max_beta}.")
+    if not cosine_s >= 0.0:
+      raise ValueError(f"cosine_s must be >= 0 (improved DDPM: 0.008), got "
+                       f"{cosine_s}.")
     u = np.arange(t + 1, dtype=np.float64) / t
     alpha_bar = cosine_alpha_bar(u, cosine_s)
     betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)

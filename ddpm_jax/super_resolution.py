@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import keys
 from ddpm_jax.diffusion import GaussianDiffusion
 
 # apply_fn(x [B, S, S, C], t [B], low_res [B, s, s, C], aug_t int32 [B])
@@ -61,6 +62,25 @@ def _check_original(d: GaussianDiffusion) -> None:
         "respaced one.")
 
 
+def _check_levels(d: GaussianDiffusion, aug_t, low_res) -> None:
+  """Refuses levels that are not int [B] in 0..T; values only when concrete."""
+  if (not hasattr(aug_t, "dtype") or not jnp.issubdtype(aug_t.dtype, jnp.integer)
+      or jnp.shape(aug_t) != jnp.shape(low_res)[:1]):
+    raise ValueError(
+        f"aug_t must be an integer array of shape [B] = {jnp.shape(low_res)[:1]}"
+        f" (one level per low-resolution image), got {aug_t!r}.")
+  try:
+    values = np.asarray(aug_t)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return  # traced: values are unknown until run time
+  bad = values[(values < 0) | (values > d.num_timesteps)]
+  if bad.size:
+    # Indexing would clamp them silently to level T or wrap negative ones.
+    raise ValueError(f"aug_t out of range: got {bad.tolist()[:8]}; allowed "
+                     f"0..{d.num_timesteps} (0 = clean).")
+
+
 def augment(d: GaussianDiffusion, low_res: jax.Array, aug_t: jax.Array,
             noise: jax.Array) -> jax.Array:
   """Corrupts low-resolution images to augmentation levels ``aug_t``.
@@ -76,6 +96,7 @@ def augment(d: GaussianDiffusion, low_res: jax.Array, aug_t: jax.Array,
     with abar = 1 at level 0 and ``alphas_cumprod[level - 1]`` otherwise.
   """
   _check_original(d)
+  _check_levels(d, aug_t, low_res)
   # The float64-derived square roots (as q_sample uses): sqrt(1 - abar) in
   # float32 would lose digits at small levels, where abar is close to 1.
   shape = (-1,) + (1,) * (low_res.ndim - 1)
@@ -101,6 +122,12 @@ def training_condition(d: GaussianDiffusion, x_start: jax.Array,
     low_res float32 ``[B, s, s, C]`` (area-downsampled, then augmented) and
     aug_t int32 ``[B]``.
   """
+  if keys.is_batched(rng):
+    raise ValueError("rng must be one PRNG key for the batch, not one per "
+                     f"example (got shape {rng.shape}).")
+  if not 0 <= max_level <= d.num_timesteps:
+    raise ValueError(f"max_level must lie in 0..T = 0..{d.num_timesteps}, "
+                     f"got {max_level}.")
   k_level, k_noise = jax.random.split(rng)
   low_res = downsample_area(x_start, low_res_size)
   aug_t = jax.random.randint(k_level, (x_start.shape[0],), 0, max_level + 1,

@@ -73,6 +73,14 @@ def test_schedule_errors_name_the_value():
     schedules.get_beta_schedule("linear", 0)
   with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
     schedules.get_beta_schedule("linear", 10, beta_end=1.5)
+  # cosine's own parameters are named, not linear's beta_start/beta_end.
+  with pytest.raises(ValueError, match=r"max_beta must lie in \(0, 1\], got 0.0"):
+    schedules.get_beta_schedule("cosine", 10, max_beta=0.0)
+  for bad in (-1.0, float("nan")):
+    with pytest.raises(ValueError, match=r"cosine_s must be >= 0.*got"):
+      schedules.get_beta_schedule("cosine", 10, cosine_s=bad)
+  with pytest.raises(ValueError, match=r"got \[1.5, nan\] at index \[1, 3\]"):
+    D.GaussianDiffusion.create(np.array([0.1, 1.5, 0.2, np.nan]))
 
 
 # ---------------------------------------------------------------------------
@@ -522,6 +530,15 @@ def test_shapes_that_would_broadcast_are_refused():
     for fn in (D.predict_xstart_from_v, D.predict_eps_from_v):
       with pytest.raises(ValueError, match=r"v must have the shape of x_t"):
         fn(d, x, t, bad)
+  # The likelihood's Gaussian may broadcast to x (a scalar scale), not past it.
+  x = jnp.zeros((2, 3, 3, 1))
+  for means, scales in ((jnp.zeros((3, 2, 3, 3, 1)), jnp.zeros(())),
+                        (x, jnp.zeros((2, 3, 3, 2)))):
+    with pytest.raises(ValueError, match=r"must broadcast to x's shape \(2, 3, 3, 1\)"):
+      D.discretized_gaussian_log_likelihood(x, means, scales)
+  one = D.discretized_gaussian_log_likelihood(x, x, jnp.zeros(()))
+  np.testing.assert_allclose(
+      one, D.discretized_gaussian_log_likelihood(x, x, jnp.zeros_like(x)))
 
 
 def test_q_sample_of_sequences_against_float64():

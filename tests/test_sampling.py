@@ -239,8 +239,23 @@ def test_space_timesteps_rounds_as_improved_ddpm():
       counts = [int(c) for c in spec.split(",")]
       if max(counts) <= t // len(counts):
         assert S.space_timesteps(t, spec) == improved_ddpm_sections(t, counts), (t, spec)
-  for spec in ("ddim1", "ddim0", "ddim-3"):
+  for spec in ("ddim1", "ddim0"):
     with pytest.raises(ValueError, match="needs K >= 2"):
+      S.space_timesteps(100, spec)
+  # Spaces are fine; signs, underscores and other digits than ASCII are not.
+  assert S.space_timesteps(100, "ddim 10") == S.space_timesteps(100, "ddim10")
+  assert S.space_timesteps(100, "2, 3 ,1") == S.space_timesteps(100, "2,3,1")
+  for spec in ("ddim-3", "ddim+5", "ddim5_0", "ddim\u0665"):
+    with pytest.raises(ValueError, match="'ddim' must be followed by a step count"):
+      S.space_timesteps(100, spec)
+  for spec in ("5_0", "+5", "10,-2", "\u0665", "10,,5", ""):
+    with pytest.raises(ValueError, match="with integer step counts"):
+      S.space_timesteps(100, spec)
+  # Counts given as numbers: floats and bools are not truncated to steps.
+  assert S.space_timesteps(100, np.int64(10)) == S.space_timesteps(100, "10")
+  assert S.space_timesteps(100, jnp.array([2, 3, 1])) == S.space_timesteps(100, "2,3,1")
+  for spec in ([2.7], 2.5, True, [True, 3]):
+    with pytest.raises(ValueError, match="step counts must be integers"):
       S.space_timesteps(100, spec)
   with pytest.raises(ValueError, match="asks for 150 steps but the process has only T=100"):
     S.space_timesteps(100, "ddim150")
@@ -341,6 +356,10 @@ def test_ddim_eta_outside_0_1_is_refused(eta):
   with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
     S.ddim_sample(d, model, jnp.zeros((2, 3)), jnp.array([5, 5]),
                   jax.random.key(0), eta=eta)
+  # One eta per example is not a thing: said by name, not numpy's TypeError.
+  with pytest.raises(ValueError, match=r"eta must be a scalar.*shape \(2,\)"):
+    S.ddim_sample_loop(d, model, (2, 3), jax.random.key(0),
+                       eta=jnp.array([eta, 0.5]))
   # The limit is real: at eta = 1.5 the step's variance is NaN at small t.
   abar = np.cumprod(1 - np.asarray(d.betas, np.float64))
   sigma2 = 1.5**2 * (1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])
@@ -361,6 +380,17 @@ def test_ddim_guidance_where_abar_is_zero_stays_finite():
   out = S.sample_steps(d, x0_model, x, jax.random.key(1), 10, 0, sampler="ddim",
                        cond_fn=cond)
   assert np.isfinite(np.asarray(out)).all()
+  # Its gradient too: the unused guided branch once gave 0 * inf = NaN. The
+  # gradient of a guided DDIM step (t = 9, abar = 0, and t = 3) with respect
+  # to the model's scale against central differences in float64 arithmetic.
+  scaled = lambda w: lambda x, t: w * jnp.tanh(x)
+  t = jnp.array([9, 3, 9, 3])
+  f = lambda w: S.ddim_sample(d, scaled(w), x, t, jax.random.key(1),
+                              cond_fn=cond)["sample"].sum()
+  grad = float(jax.grad(f)(0.5))
+  h = 1e-2
+  numeric = (float(f(0.5 + h)) - float(f(0.5 - h))) / (2 * h)
+  assert np.isfinite(grad) and abs(grad - numeric) < 1e-3 * max(1.0, abs(numeric)), (grad, numeric)
 
 
 def test_inpainting_mask_and_resample_are_checked():

@@ -65,6 +65,19 @@ def test_augment_matches_the_forward_process_with_level_zero_clean():
   respaced = sampling.respace(d, 10)[0]
   with pytest.raises(ValueError, match="un-respaced"):
     sr.augment(respaced, jnp.asarray(lr), jnp.asarray(levels), jnp.asarray(noise))
+  # Indexing would clamp level 101 to 100 and wrap -1 to level 100: refused.
+  for bad in ([0, 1, 37, 101], [-1, 1, 37, 100]):
+    with pytest.raises(ValueError, match=r"aug_t out of range.*0\.\.100"):
+      sr.augment(d, jnp.asarray(lr), jnp.asarray(bad, jnp.int32),
+                 jnp.asarray(noise))
+  for bad in (jnp.asarray(levels[:3], jnp.int32), jnp.asarray(levels, jnp.float32), 3):
+    with pytest.raises(ValueError, match=r"aug_t must be an integer array of shape \[B\] = \(4,\)"):
+      sr.augment(d, jnp.asarray(lr), bad, jnp.asarray(noise))
+  # Under jit the levels are not known, only their shape and dtype.
+  jitted = jax.jit(lambda lv: sr.augment(d, jnp.asarray(lr, jnp.float32), lv,
+                                         jnp.asarray(noise, jnp.float32)))
+  np.testing.assert_allclose(jitted(jnp.asarray(levels, jnp.int32)), got,
+                             atol=1e-6)
 
 
 def test_max_aug_level():
@@ -93,6 +106,13 @@ def test_training_condition_downsamples_and_draws_levels_in_range():
   low_res, aug_t = sr.training_condition(d, x0, 8, 0, jax.random.key(1))
   assert not np.any(np.asarray(aug_t))
   np.testing.assert_allclose(low_res, sr.downsample_area(x0, 8), atol=1e-6)
+  with pytest.raises(TypeError, match="rng must be a PRNG key"):
+    sr.training_condition(d, x0, 8, 20, 0)
+  with pytest.raises(ValueError, match="one PRNG key for the batch"):
+    sr.training_condition(d, x0, 8, 20, jax.random.split(jax.random.key(1), 512))
+  for bad in (-1, 101):
+    with pytest.raises(ValueError, match=r"max_level must lie in 0\.\.T = 0\.\.100"):
+      sr.training_condition(d, x0, 8, bad, jax.random.key(1))
 
 
 # ---------------------------------------------------------------------------
