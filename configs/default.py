@@ -43,7 +43,8 @@ def get_config():
   data.random_flip = True
   data.num_classes = 10  # labels the data carries (0: none)
   data.data_dir = ""  # tfds data directory ("": TFDS_DATA_DIR or tfds' default)
-  data.worker_count = 0  # grain decoding processes (0: in this process)
+  # grain decoding processes (0: in this process); 2 or more batch otherwise.
+  data.worker_count = 0
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

@@ -89,14 +89,16 @@ def _training_images(source, count):
     yield np.stack([source[i]["image"] for i in range(start, min(start + chunk, count))])
 
 
-def bpd_path(eval_dir: str, step: int, num_examples: int) -> str:
+def bpd_path(eval_dir: str, step: int, num_examples: int, split: str) -> str:
   """`bpd_<split>_step<S>_<params>_n<N>[_seed<seed>].json`: one file per setting.
 
-  A split that is not a plain name (a slice such as `test[:150]`) is written
-  `_exact_label`'s way, `test-150-<8 hex digits of its sha256>`.
+  `split` is the split read (LSUN's 'test' is its 'validation': one name for
+  one result). A split that is not a plain name (a slice such as
+  `test[:150]`) is written `_exact_label`'s way, `test-150-<8 hex digits of
+  its sha256>`.
   """
   seed = f"_seed{FLAGS.seed}" if FLAGS.seed else ""
-  return os.path.join(eval_dir, f"bpd_{_exact_label(FLAGS.split)}_step{step}_"
+  return os.path.join(eval_dir, f"bpd_{_exact_label(split)}_step{step}_"
                       f"{FLAGS.params}_n{num_examples}{seed}.json")
 
 
@@ -354,10 +356,12 @@ def run(argv) -> None:
                               num_examples=FLAGS.num_examples, seed=FLAGS.seed)
     result.update(step=step, params=FLAGS.params, seed=FLAGS.seed,
                   batch_size=FLAGS.batch_size)
-    path = bpd_path(eval_dir, step, num_examples)
+    path = bpd_path(eval_dir, step, num_examples, result["split"])
     if writer:
       _write_json_atomic(path, result)
-    print(f"{FLAGS.split} bits/dim at step {step} ({FLAGS.params}) over "
+    read_as = ("" if result["split"] == FLAGS.split else
+               f" (--split {FLAGS.split}: this data set has no such split)")
+    print(f"{result['split']} bits/dim{read_as} at step {step} ({FLAGS.params}) over "
           f"{result['num_examples']} examples: {result['total_bpd']:.4f}  (L_T prior "
           f"{result['prior_bpd']:.4f}, L_0 decoder {result['decoder_bpd']:.4f}, sum "
           f"L_1..L_T-1 {result['vb_sum_bpd']:.4f}) -> {path}", flush=True)

@@ -88,10 +88,12 @@ def create_source(config: ml_collections.ConfigDict, split: str) -> Any:
       source = _WithoutLabels(source)
     return source
   if name.startswith(folder.PREFIX):
-    if split.split("[", 1)[0] != "train":
+    if split != "train":
+      # A slice ('train[:100]') would be ignored: the folder has no tfds splits.
       raise ValueError(
           f"An image folder is a single split, 'train'; got split={split!r}. "
-          "Evaluate it with split='train'.")
+          "Evaluate it with split='train' (and the first N images with "
+          "num_examples=N).")
     return folder.FolderImageSource(
         name[len(folder.PREFIX):], image_size=data.image_size,
         channels=data.channels, num_classes=data.num_classes)

@@ -91,6 +91,23 @@ def test_evaluate_bpd_pads_no_wider_than_the_examples(pretrained_run, monkeypatc
   np.testing.assert_allclose(wide["total_bpd"], narrow["total_bpd"], rtol=1e-6)
 
 
+def test_evaluate_bpd_reports_the_split_it_read(pretrained_run, monkeypatch):
+  """tfds reads LSUN's 'test' from 'validation': the result says so (it said
+  'test', and the same numbers asked as 'validation' were filed apart)."""
+  config, params, _ = checkpointing.load_params(pretrained_run)
+  create = input_pipeline.create_source
+
+  def without_a_test_split(config, split):
+    source = create(config, "test")  # the digits test images, standing in
+    source.split = "validation" if split == "test" else split
+    return source
+
+  monkeypatch.setattr(input_pipeline, "create_source", without_a_test_split)
+  result = bpd.evaluate_bpd(config, params, batch_size=8, num_examples=4,
+                            progress=False)
+  assert result["split"] == "validation" and result["num_examples"] == 4
+
+
 def test_evaluate_bpd_refuses_a_seed_that_prng_key_would_wrap(pretrained_run):
   """PRNGKey keeps a seed's low 32 bits: 2**32 gave seed 0's numbers, saved
   under seed 4294967296's name."""
@@ -268,7 +285,8 @@ for argv, setup in json.loads(sys.argv[1]):
   evaluate.FLAGS.unparse_flags()
   evaluate.FLAGS(["evaluate", "--workdir=w"] + argv)
   if setup is None:
-    names.append(os.path.basename(evaluate.bpd_path("eval", 0, 150)))
+    names.append(os.path.basename(
+        evaluate.bpd_path("eval", 0, 150, evaluate.FLAGS.split)))
   else:
     names.append(os.path.basename(
         evaluate.sample_metrics_path("eval", ["fid"], 0, setup)))

@@ -451,6 +451,9 @@ def test_folder_errors(tmp_path):
         folder_config(tmp_path / "imgs", num_classes=3), "train")
   with pytest.raises(ValueError, match="single split"):
     input_pipeline.create_source(folder_config(tmp_path / "imgs"), "test")
+  # A tfds slice of a folder used to be read as the whole folder.
+  with pytest.raises(ValueError, match=r"got split='train\[:2\]'.*num_examples=N"):
+    input_pipeline.create_source(folder_config(tmp_path / "imgs"), "train[:2]")
   bad = tmp_path / "imgs" / "dogs" / "broken.png"
   bad.write_bytes(b"\x89PNG but not really")
   with pytest.raises(ValueError, match=os.path.basename(str(bad))) as info:

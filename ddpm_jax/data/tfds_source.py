@@ -112,7 +112,7 @@ class TfdsImageSource:
           f"array_record format under {builder.data_dir}. "
           + PREPARE_HINT.format(name=name)) from e
     self._name = name
-    self._split = split
+    self.split = split
     self._image_size = image_size
     self._use_labels = bool(num_classes)
     self.num_classes = data_classes
@@ -129,5 +129,5 @@ class TfdsImageSource:
     return {"image": image, "label": label}
 
   def __repr__(self) -> str:
-    return (f"TfdsImageSource(name={self._name!r}, split={self._split!r}, "
+    return (f"TfdsImageSource(name={self._name!r}, split={self.split!r}, "
             f"image_size={self._image_size}, num_records={len(self)})")

@@ -56,6 +56,16 @@ def check_inputs(config: ml_collections.ConfigDict, *, split: str = "test",
       (its bound is conditional on a low-resolution image), a bad data
       config or split, or num_examples outside [1, len(split)].
   """
+  return _checked_inputs(config, split, num_examples)[1]
+
+
+def _checked_inputs(config: ml_collections.ConfigDict, split: str,
+                    num_examples: Optional[int]) -> tuple[str, int]:
+  """(the split read, the number of examples) after `check_inputs`' checks.
+
+  The split read is the data set's own name for it: tfds reads 'test' of a
+  data set without one (LSUN) from 'validation'.
+  """
   if models.is_classifier(config):
     raise ValueError("This run is a noise-aware classifier: it has no "
                      "likelihood to evaluate.")
@@ -65,13 +75,14 @@ def check_inputs(config: ml_collections.ConfigDict, *, split: str = "test",
         f"{config.model.low_res_size}): its likelihood is conditional on a "
         "low-resolution image, which bits/dim does not evaluate; evaluate "
         "the base model of the cascade instead.")
-  total = len(input_pipeline.create_source(config, split))
+  source = input_pipeline.create_source(config, split)
+  split_read, total = getattr(source, "split", split), len(source)
   if num_examples is None:
-    return total
+    return split_read, total
   if not isinstance(num_examples, int) or not 1 <= num_examples <= total:
     raise ValueError(f"num_examples must be an int in [1, {total}] (the size "
                      f"of split {split!r}); got {num_examples!r}.")
-  return num_examples
+  return split_read, num_examples
 
 
 def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
@@ -97,10 +108,11 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
     L_T + L_0 + sum L_1..L_{T-1}), `prior_bpd` (L_T), `decoder_bpd` (L_0),
     `vb_sum_bpd` (sum of L_1..L_{T-1}), `vb_per_t` (list of T means),
     `num_examples`, `seconds`; `conditional` (True when a class-conditional
-    model was given each example's label) and `split`.
+    model was given each example's label) and `split`, the split read
+    ('validation' for 'test' of a data set without a test split).
   """
   keys.check_seed(seed)
-  total = check_inputs(config, split=split, num_examples=num_examples)
+  split_read, total = _checked_inputs(config, split, num_examples)
   mesh = parallel.create_mesh()
   n_dev = mesh.devices.size
   # A multiple of the device count, and no wider than the examples need: each
@@ -138,5 +150,5 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, *,
             ("total_bpd", "prior_bpd", "decoder_bpd", "vb_sum_bpd")}
   result.update(vb_per_t=(sums["vb_per_t"] / n).tolist(), num_examples=int(n),
                 seconds=time.perf_counter() - start, conditional=conditional,
-                split=split)
+                split=split_read)
   return result
