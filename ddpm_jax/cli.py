@@ -88,6 +88,11 @@ def parse_flags(argv):
       sys.path.insert(0, os.path.dirname(folder))
   try:
     rest = flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl's --help, --helpshort, --helpfull and --helpxml print the help,
+    # then exit 1 (flag errors raise flags.Error instead): asking for help
+    # succeeded, as with the benchmarks' and launch scripts' --help.
+    sys.exit(0 if e.code == 1 else e.code)
   except SyntaxError as e:
     print(f"error: --config {e.filename}, line {e.lineno}: {e.msg}: "
           f"{(e.text or '').strip()}", file=sys.stderr)

@@ -46,7 +46,7 @@ flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
 flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
                     "sample_stepN_{sampler}{K}[_strided|_sections{a-b-c}]"
                     "[_eta{E}][_raw][_cond{hash}]_n{N}_seed{S}.npz, K "
-                    "sampling steps).")
+                    "sampling steps); missing folders are created.")
 flags.DEFINE_string("grid", None, "Output .png grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
 # Conditional generation.

@@ -121,6 +121,11 @@ def test_config_flag_errors_are_one_clear_line(tmp_path):
       "error: unknown config key 'batchsize' Did you mean \"batch_size\" instead of "
       "\"batchsize\"? (in one of ['--config.training.batchsize']).")
   assert not (tmp_path / "w").exists()
+  # Asking for help succeeds (absl's own exit status for it is 1).
+  proc = train("--help")
+  assert proc.returncode == 0, proc.stderr
+  assert "`python -m ddpm_jax.train --config configs/digits.py --workdir DIR`" in proc.stdout
+  assert "--workdir: Run directory: checkpoints, logs, samples." in proc.stdout
 
 
 @pytest.mark.parametrize("source, message", [

@@ -75,6 +75,10 @@ def test_digits_values_labels_and_split_match_sklearn():
   unlabelled = input_pipeline.create_source(digits_config(num_classes=0),
                                             "train")
   assert {int(unlabelled[i]["label"]) for i in range(50)} == {0}
+  # A tfds slice is refused with the way to take the first N examples.
+  with pytest.raises(ValueError, match=r"got split='test\[:4\]' \(slices are for "
+                     r"tfds data sets; num_examples=N takes the first N"):
+    input_pipeline.create_source(digits_config(), "test[:4]")
 
 
 def test_digits_resized_to_16_with_pil_bicubic():

@@ -24,7 +24,9 @@ def load_digits_uint8(split: str) -> tuple[np.ndarray, np.ndarray]:
   """
   if split not in SPLITS:
     raise ValueError(
-        f"The digits data set has splits {SPLITS}; got split={split!r}.")
+        f"The digits data set has splits {SPLITS}; got split={split!r}"
+        + (" (slices are for tfds data sets; num_examples=N takes the first "
+           "N examples)." if "[" in split else "."))
   from sklearn import datasets  # Imported here: only digits needs sklearn.
   digits = datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
