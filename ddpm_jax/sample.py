@@ -4,9 +4,9 @@ Loads the newest (or `--step`) checkpoint of a training run or of a converted
 official model, and writes `samples` (uint8 [N, H, W, C], the FID protocol:
 clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
 an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_n{N}_seed{S}.npz`,
-with `_strided` or `_sections{a-b-c}`, `_eta{E}`, `_raw` or `_cond{hash}`
-before `_n` for the choice of the K steps, DDIM's eta, the raw parameters or
-conditioning), plus a PNG grid of the first samples beside it. The output
+with `_strided` or `_sections{a-b-c}`, `_eta{E}`, `_raw`, `_{dtype}` or
+`_cond{hash}` before `_n` for the choice of the K steps, DDIM's eta, the raw
+parameters, a `--dtype` other than the run's or conditioning), plus a PNG grid of the first samples beside it. The output
 only replaces an existing file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
@@ -43,6 +43,10 @@ flags.DEFINE_string("steps", None,
                     "'a,b,c' (per-section counts); default: all T steps.")
 flags.DEFINE_float("eta", 0.0, "DDIM noise scale (0 = deterministic).")
 flags.DEFINE_integer("seed", 0, "Root seed: sample i depends only on it and i.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                  "The networks' compute dtype (default: each run's "
+                  "model.dtype); parameters stay float32. bfloat16 is faster "
+                  "on GPUs and TPUs, float32 on most CPUs.")
 flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
                     "sample_stepN_{sampler}{K}[_strided|_sections{a-b-c}]"
                     "[_eta{E}][_raw][_cond{hash}]_n{N}_seed{S}.npz, K "
@@ -123,12 +127,21 @@ def _spacing_tag(d, num_timesteps: int) -> str:
   return "_sections" + spec.replace(",", "-")
 
 
-def _default_out(step: int, d, num_timesteps: int) -> str:
-  """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_strided|_sections{a-b-c}][_eta{E}][_raw][_cond{H}]_n{num}_seed{S}.npz`.
+def _set_dtype(config) -> bool:
+  """Applies --dtype to a loaded run's config; whether that changed it."""
+  if not FLAGS.dtype or FLAGS.dtype == config.model.dtype:
+    return False
+  config.model.dtype = FLAGS.dtype
+  return True
+
+
+def _default_out(step: int, d, num_timesteps: int, dtype_changed: bool) -> str:
+  """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_strided|_sections{a-b-c}][_eta{E}][_raw][_{dtype}][_cond{H}]_n{num}_seed{S}.npz`.
 
   Named by what the samples depend on, so that different requests keep
   different files (and never the trainer's own `samples/step_N.png`). `K`:
-  the steps run; `H`: 8 hex digits of a hash of the conditioning flags given.
+  the steps run; `dtype`: --dtype where it differs from a run's own; `H`: 8
+  hex digits of a hash of the conditioning flags given.
   """
   name = (f"sample_step{step}_{FLAGS.sampler}{d.num_timesteps}"
           f"{_spacing_tag(d, num_timesteps)}")
@@ -136,6 +149,8 @@ def _default_out(step: int, d, num_timesteps: int) -> str:
     name += f"_eta{FLAGS.eta!r}"  # exact: 0.1234567 and 0.1234568 differ
   if FLAGS.params == "raw":
     name += "_raw"
+  if dtype_changed:
+    name += f"_{FLAGS.dtype}"
   conditioning = {}
   for flag in _CONDITIONING_FLAGS:
     if _given(flag):
@@ -259,9 +274,10 @@ def run(argv) -> None:
     raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
                      "(and no --outpaint).")
   # The runs and inputs; every check of the request runs before "Sampling".
-  classifier = None
+  classifier, dtype_changed = None, False
   if FLAGS.classifier_workdir:
     cls_config, cls_params, _ = checkpointing.load_params(FLAGS.classifier_workdir)
+    dtype_changed = _set_dtype(cls_config)
     classifier = (cls_config, cls_params)
   options = generation.SamplerOptions(
       sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
@@ -271,6 +287,7 @@ def run(argv) -> None:
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
+  dtype_changed |= _set_dtype(config)
   generation.sampling_diffusion(config, options)  # K > T etc. before any image
   known = known_mask = None
   if FLAGS.inpaint:
@@ -287,7 +304,9 @@ def run(argv) -> None:
   upsampler = None
   if FLAGS.upsampler_workdir:
     upsampler = _load_upsampler(config, FLAGS.num_samples)
-  out = FLAGS.out or _default_out(step, d, config.diffusion.num_timesteps)
+    dtype_changed |= _set_dtype(upsampler[0])
+  out = FLAGS.out or _default_out(step, d, config.diffusion.num_timesteps,
+                                  dtype_changed)
   grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
   if grid != "none" and (
       os.path.realpath(out) == os.path.realpath(grid) or (
@@ -302,8 +321,8 @@ def run(argv) -> None:
       _check_writable(grid)
   batch_size = generation.batch_size_for(FLAGS.num_samples, FLAGS.batch_size)
   print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
-        f"({FLAGS.params} params) with {FLAGS.sampler}, {d.num_timesteps} steps, "
-        f"in batches of {batch_size} on {jax.device_count()} device(s).",
+        f"({FLAGS.params} params, {config.model.dtype}) with {FLAGS.sampler}, "
+        f"{d.num_timesteps} steps, in batches of {batch_size} on {jax.device_count()} device(s).",
         flush=True)
   result = generation.generate(
       config, params, num_samples=FLAGS.num_samples,

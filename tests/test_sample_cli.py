@@ -395,6 +395,34 @@ def test_cli_default_names_keep_different_requests_apart(tmp_path):
   assert known == [0, 60]
 
 
+def test_cli_dtype_sets_the_compute_dtype_and_names_a_change(tmp_path):
+  """--dtype bfloat16 on a float32 run: bfloat16 samples, in a file of their own."""
+  workdir = tmp_path / "run"
+  config = tiny_config()
+  params = random_params(config)
+  checkpointing.save_pretrained(str(workdir), config, params)
+  outputs = {}
+  for dtype in ("bfloat16", "float32"):
+    r = run_cli("--workdir", str(workdir), "--num_samples", "3", "--steps", "5",
+                "--grid", "none", "--seed", "3", "--dtype", dtype, devices=1)
+    assert r.returncode == 0, r.stderr
+    assert f"(ema params, {dtype}) with ancestral" in r.stdout, r.stdout
+  names = sorted(os.listdir(workdir / "samples"))
+  # float32 is the run's own dtype: no tag.
+  assert names == ["sample_step0_ancestral5_bfloat16_n3_seed3.npz",
+                   "sample_step0_ancestral5_n3_seed3.npz"], names
+  for name, dtype in zip(names, ("bfloat16", "float32")):
+    outputs[dtype] = np.load(workdir / "samples" / name)["samples"].astype(int)
+  bf16_config = tiny_config()
+  bf16_config.model.dtype = "bfloat16"
+  want = {"float32": reference_samples(config, params, seed=3, n=3, steps="5"),
+          "bfloat16": reference_samples(bf16_config, params, seed=3, n=3, steps="5")}
+  for dtype in outputs:  # one device: the library's program, bit for bit
+    assert_images_close(outputs[dtype], want[dtype])
+  # bfloat16 rounding shows in the images (36 levels over 192 pixels here).
+  assert np.abs(want["bfloat16"].astype(int) - want["float32"]).sum() > 10
+
+
 def test_cli_default_names_tell_the_steps_and_count_apart(tmp_path):
   """Requests running the same number K of different steps, or another
   number of samples, keep their own files; K evenly spread steps have one name."""
