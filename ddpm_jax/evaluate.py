@@ -34,6 +34,9 @@ flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA parameters (default) or 
 flags.DEFINE_list("metric", ["bpd"], "Comma-separated: bpd, fid, is, kid.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (bpd, sampling, Inception).")
 flags.DEFINE_integer("seed", 0, "Root seed of the bound's noise and of the samples.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                  "The network's compute dtype for bits/dim and drawn samples "
+                  "(default: the run's model.dtype).")
 # bits/dim
 flags.DEFINE_string("split", "test", "Data split for bits/dim.")
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N examples (default: all).")
@@ -89,8 +92,14 @@ def _training_images(source, count):
     yield np.stack([source[i]["image"] for i in range(start, min(start + chunk, count))])
 
 
-def bpd_path(eval_dir: str, step: int, num_examples: int, split: str) -> str:
-  """`bpd_<split>_step<S>_<params>_n<N>[_seed<seed>].json`: one file per setting.
+def _dtype_tag(saved_dtype: str) -> str:
+  """`_<dtype>` when --dtype differs from the run's own model.dtype, else ''."""
+  return f"_{FLAGS.dtype}" if FLAGS.dtype and FLAGS.dtype != saved_dtype else ""
+
+
+def bpd_path(eval_dir: str, step: int, num_examples: int, split: str,
+             dtype_tag: str = "") -> str:
+  """`bpd_<split>_step<S>_<params>[_<dtype>]_n<N>[_seed<seed>].json`: one file per setting.
 
   `split` is the split read (LSUN's 'test' is its 'validation': one name for
   one result). A split that is not a plain name (a slice such as
@@ -99,14 +108,15 @@ def bpd_path(eval_dir: str, step: int, num_examples: int, split: str) -> str:
   """
   seed = f"_seed{FLAGS.seed}" if FLAGS.seed else ""
   return os.path.join(eval_dir, f"bpd_{_exact_label(split)}_step{step}_"
-                      f"{FLAGS.params}_n{num_examples}{seed}.json")
+                      f"{FLAGS.params}{dtype_tag}_n{num_examples}{seed}.json")
 
 
-def sample_metrics_path(eval_dir: str, metrics, step: int, setup: dict) -> str:
+def sample_metrics_path(eval_dir: str, metrics, step: int, setup: dict,
+                        dtype_tag: str = "") -> str:
   """The result file of FID/IS/KID, named by every setting that changes them.
 
   Drawn samples: `fid_is_kid_step<S>_<params>_<sampler>-<steps|all>[-eta<eta>]
-  _n<N>[_seed<seed>][_ref<R>]_inception<W>.json`; samples from --samples
+  [_<dtype>]_n<N>[_seed<seed>][_ref<R>]_inception<W>.json`; samples from --samples
   FILE: `fid_is_kid_samples-<FILE's basename>-<F>_n<N>[_ref<R>]_inception<W>
   .json`. F and W are the first 8 hex digits of the sha256 of the samples
   file and of the Inception weights file (`setup`'s 'samples_sha256' and
@@ -121,6 +131,7 @@ def sample_metrics_path(eval_dir: str, metrics, step: int, setup: dict) -> str:
     name += f"_step{step}_{FLAGS.params}_{FLAGS.sampler}-{_label(FLAGS.steps or 'all')}"
     if FLAGS.sampler == "ddim" and FLAGS.eta:
       name += f"-eta{float(FLAGS.eta)!r}"
+    name += dtype_tag
   name += f"_n{setup['num_samples']}"
   if not FLAGS.samples and FLAGS.seed:
     name += f"_seed{FLAGS.seed}"
@@ -229,7 +240,8 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
                                   batch_size=FLAGS.batch_size, options=setup["options"],
                                   seed=FLAGS.seed)["samples"]
     result.update(step=step, params=FLAGS.params, sampler=FLAGS.sampler,
-                  steps=FLAGS.steps or "all", eta=FLAGS.eta, seed=FLAGS.seed)
+                  steps=FLAGS.steps or "all", eta=FLAGS.eta, seed=FLAGS.seed,
+                  dtype=config.model.dtype)
   result.update(inception_weights=setup["weights"],
                 inception_weights_sha256=setup["weights_sha256"])
   module, inception_params = setup["module"], setup["inception_params"]
@@ -291,6 +303,9 @@ def _check_flags_apply(metrics) -> None:
     raise ValueError(f"{', '.join(reference)} set{'s' if one else ''} FID/KID's "
                      "reference statistics; the Inception Score has none. Add "
                      f"fid or kid to --metric or drop {'it' if one else 'them'}.")
+  if FLAGS.dtype and FLAGS.samples and "bpd" not in metrics:
+    raise ValueError("--dtype sets the network's compute dtype, but scoring "
+                     "--samples runs no network; drop --dtype.")
   if FLAGS["eta"].present and FLAGS.sampler != "ddim":
     raise ValueError(f"--eta is DDIM's noise scale; the {FLAGS.sampler} sampler "
                      "has none: pass --sampler ddim, or drop --eta.")
@@ -338,6 +353,9 @@ def run(argv) -> None:
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
+  dtype_tag = _dtype_tag(config.model.dtype)
+  if FLAGS.dtype:
+    config.model.dtype = FLAGS.dtype
   writer = jax.process_index() == 0
   eval_dir = os.path.join(FLAGS.workdir, "eval")
   # Every metric's inputs are checked before any of them computes anything.
@@ -355,8 +373,8 @@ def run(argv) -> None:
                               batch_size=FLAGS.batch_size,
                               num_examples=FLAGS.num_examples, seed=FLAGS.seed)
     result.update(step=step, params=FLAGS.params, seed=FLAGS.seed,
-                  batch_size=FLAGS.batch_size)
-    path = bpd_path(eval_dir, step, num_examples, result["split"])
+                  batch_size=FLAGS.batch_size, dtype=config.model.dtype)
+    path = bpd_path(eval_dir, step, num_examples, result["split"], dtype_tag)
     if writer:
       _write_json_atomic(path, result)
     read_as = ("" if result["split"] == FLAGS.split else
@@ -367,7 +385,8 @@ def run(argv) -> None:
           f"L_1..L_T-1 {result['vb_sum_bpd']:.4f}) -> {path}", flush=True)
   if sample_wanted:
     result = sample_metrics(config, params, sample_wanted, setup, step=step)
-    path = sample_metrics_path(eval_dir, sample_wanted, step, setup)
+    path = sample_metrics_path(eval_dir, sample_wanted, step, setup,
+                               "" if FLAGS.samples else dtype_tag)
     if writer:
       _write_json_atomic(path, result)
     parts = [f"{k.upper()} {result[k]:.4f}" for k in ("fid", "is", "kid") if k in result]

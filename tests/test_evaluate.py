@@ -139,13 +139,29 @@ def test_cli_bpd_writes_json(pretrained_run):
   assert f"{saved['total_bpd']:.4f}" in r.stdout and path in r.stdout
   # Other settings write their own file and leave this one as it was.
   r = run_cli("--workdir", pretrained_run, "--metric", "bpd", "--num_examples", "4",
-              "--batch_size", "4", "--params", "raw", "--seed", "3")
+              "--batch_size", "4", "--params", "raw", "--seed", "3", "--dtype",
+              "bfloat16")
   assert r.returncode == 0, r.stderr
-  with open(os.path.join(pretrained_run, "eval", "bpd_test_step0_raw_n4_seed3.json")) as f:
+  with open(os.path.join(pretrained_run, "eval",
+                         "bpd_test_step0_raw_bfloat16_n4_seed3.json")) as f:
     raw = json.load(f)
-  assert (raw["params"], raw["num_examples"], raw["seed"]) == ("raw", 4, 3)
+  assert (raw["params"], raw["num_examples"], raw["seed"], raw["dtype"]) == (
+      "raw", 4, 3, "bfloat16")
+  assert saved["dtype"] == "float32"
   with open(path) as f:
     assert json.load(f) == saved
+  # The bound of the bfloat16 network, as the library computes it.
+  config, params, _ = checkpointing.load_params(pretrained_run, which="params")
+  want = {}
+  for dtype in ("bfloat16", "float32"):
+    config.model.dtype = dtype
+    want[dtype] = bpd.evaluate_bpd(config, params, batch_size=8, num_examples=4,
+                                   seed=3, progress=False)["total_bpd"]
+  # bfloat16 moves the bound by ~4e-4 relative here; the CLI's (2 devices,
+  # not 8) is far closer to the library's bfloat16 value than that.
+  gap = abs(want["bfloat16"] - want["float32"])
+  assert gap > 1e-4 * want["float32"], want
+  assert abs(raw["total_bpd"] - want["bfloat16"]) < 0.25 * gap, (raw["total_bpd"], want)
 
 
 def test_cli_errors(pretrained_run, tmp_path):
@@ -237,6 +253,8 @@ def test_cli_refuses_flags_no_asked_metric_reads(pretrained_run, tmp_path):
       (["--metric", "is", "--stats_cache", str(tmp_path), "--num_reference", "5"],
        "--num_reference, --stats_cache set FID/KID's"),
       (["--metric", "fid", "--eta", "0.5"], "--eta is DDIM's noise scale; the ancestral"),
+      (["--metric", "fid,is", "--samples", str(tmp_path / "s.npz"), "--dtype", "bfloat16"],
+       "--dtype sets the network's compute dtype, but scoring --samples runs no network"),
       (["--metric", "fid", "--samples", str(tmp_path)], "(it is a directory)"),
       (["--metric", "fid", "--samples", str(tmp_path / "no.npz")], "no such file"),
       (["--metric", "fid", "--inception_weights", str(tmp_path)],
