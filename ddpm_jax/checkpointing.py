@@ -19,6 +19,7 @@ import sys
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -637,15 +638,26 @@ def save_pretrained(workdir: str, config: ml_collections.ConfigDict, params: Any
   train (fine-tuning), sample and evaluate then load `workdir` like any run.
   The optimiser state is freshly initialised.
 
+  The parameters are stored as float32 (as training keeps them), whatever
+  their dtype. `config.json` is written last: a failed save leaves no run
+  that looks complete.
+
   Raises:
-    CheckpointError: `workdir` already holds checkpoints, or `params` do not
-      have the shapes of the model `config` describes.
+    CheckpointError: `workdir` is a file or already holds a run (a
+      `config.json` or checkpoints), or `params` do not have the shapes of
+      the model `config` describes.
   """
-  steps = existing_steps(workdir)
-  if steps:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f"{workdir} is a file; save_pretrained writes a new "
+                          "run into a directory: choose another workdir.")
+  held = [n for n in (CONFIG_FILE, CHECKPOINT_DIR)
+          if os.path.exists(os.path.join(workdir, n))]
+  if held:
+    steps = existing_steps(workdir) if os.path.isdir(checkpoint_dir(workdir)) else []
     raise CheckpointError(
-        f"{workdir} already holds checkpoints (steps {steps}); save_pretrained "
-        "writes a new run: choose an empty workdir.")
+        f"{workdir} already holds a run ({', '.join(held)}"
+        + (f"; checkpoints at steps {steps}" if steps else "")
+        + "); save_pretrained writes a new run: choose an empty workdir.")
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model(config)
   rng = jax.random.PRNGKey(config.training.seed)
@@ -654,14 +666,15 @@ def save_pretrained(workdir: str, config: ml_collections.ConfigDict, params: Any
   if diff:
     raise CheckpointError(
         f"The given params do not match the model of the config:\n{diff}")
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   state = ts.create_train_state(config, rng, model, params=params)
-  write_config(workdir, config)
   manager = create_manager(workdir, max_to_keep=None)
   try:
     save(manager, state)
     manager.wait_until_finished()
   finally:
     manager.close()
+  write_config(workdir, config)
 
 
 def load_params(workdir: str, *, step: Optional[int] = None, which: str = "ema",

@@ -63,6 +63,10 @@ def sampling_diffusion(config: ml_collections.ConfigDict,
     raise ValueError(f"Unknown sampler {options.sampler!r}; choose one of "
                      f"{', '.join(sampling.SAMPLERS)}.")
   sampling.check_eta(options.eta)
+  if options.eta and options.sampler != "ddim":
+    raise ValueError(f"eta={options.eta} is DDIM's noise scale; the "
+                     f"{options.sampler} sampler has none (it would be "
+                     "ignored): use sampler='ddim', or eta=0.")
   if options.guidance_scale < 0 or options.classifier_scale < 0:
     raise ValueError("Guidance scales must be >= 0, got guidance_scale="
                      f"{options.guidance_scale}, classifier_scale="

@@ -72,6 +72,9 @@ def test_generate_refuses_bad_counts_and_eta_before_sampling(pretrained_run):
       (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
       (dict(options=generation.SamplerOptions(sampler="ddim", steps=5, eta=3.0)),
        r"eta=3.0 is outside \[0, 1\]"),
+      # Ignored before: the ancestral sampler has no eta.
+      (dict(options=generation.SamplerOptions(sampler="ancestral", steps=5, eta=0.7)),
+       "eta=0.7 is DDIM's noise scale; the ancestral sampler has none"),
   ]:
     with pytest.raises(ValueError, match=message):
       generation.generate(config, params, **{"num_samples": 4, "batch_size": 4,

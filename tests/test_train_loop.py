@@ -177,8 +177,27 @@ def test_save_pretrained_round_trip_and_fine_tune(tmp_path):
   assert step == 0 and loaded_config.to_dict() == config.to_dict()
   for a, b in zip(_leaves(params), _leaves(loaded)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(checkpointing.CheckpointError, match="already holds checkpoints"):
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"already holds a run \(config.json, checkpoints; "
+                     r"checkpoints at steps \[0\]\)"):
     checkpointing.save_pretrained(workdir, config, params)
+  # A run that crashed before its first checkpoint keeps its config.json.
+  crashed = tmp_path / "crashed"
+  crashed.mkdir()
+  (crashed / "config.json").write_text("{}")
+  with pytest.raises(checkpointing.CheckpointError, match=r"already holds a run \(config.json\)"):
+    checkpointing.save_pretrained(str(crashed), config, params)
+  assert (crashed / "config.json").read_text() == "{}"
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(checkpointing.CheckpointError, match="a_file is a file"):
+    checkpointing.save_pretrained(str(tmp_path / "a_file"), config, params)
+  # Parameters are stored as float32 whatever their dtype, as training keeps them.
+  half = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+  checkpointing.save_pretrained(str(tmp_path / "half"), config, half)
+  _, loaded_half, _ = checkpointing.load_params(str(tmp_path / "half"))
+  for a, b in zip(_leaves(half), _leaves(loaded_half)):
+    assert b.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(a, np.float32), b)
   bad = jax.tree.map(lambda x: x, params)
   bad["conv_in"]["kernel"] = np.zeros((3, 3, 1, 5), np.float32)
   with pytest.raises(checkpointing.CheckpointError, match="conv_in/kernel"):

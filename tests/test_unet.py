@@ -248,6 +248,13 @@ def test_class_conditioning():
   uncond, uncond_params = random_params(tiny_config())
   with pytest.raises(ValueError, match="num_classes"):
     uncond.apply({"params": uncond_params}, x, t, jnp.array([0, 1]))
+  # Ids outside 0..3 are refused: 4 read NaN from the embedding, -1 wrapped
+  # to "no class" (jit traces y, so the check runs on concrete ids).
+  for bad in ([4, 0], [-1, 0]):
+    with pytest.raises(ValueError, match=rf"class ids \[{bad[0]}\] outside 0\.\.3"):
+      model.apply({"params": params}, x, t, jnp.array(bad, jnp.int32))
+  with pytest.raises(ValueError, match="integer class ids, got dtype float32"):
+    model.apply({"params": params}, x, t, jnp.array([0.0, 1.0]))
 
 
 def test_bfloat16_compute_close_to_float32():

@@ -91,8 +91,13 @@ def test_bfloat16_stays_close():
 def test_mismatched_kernel_is_refused():
   with pytest.raises(ValueError, match="does not fit"):
     winograd.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 4, 8)))
-  with pytest.raises(ValueError, match="tile must be one of"):
-    winograd.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 8)), 3)
+  for tile in (3, 4.0, True):  # 4.0 == 4 failed inside jnp.pad instead
+    with pytest.raises(ValueError, match=f"tile must be one of .*got {tile!r}"):
+      winograd.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 8)), tile)
+  x = np.random.default_rng(0).standard_normal((1, 4, 4, 3)).astype(np.float32)
+  k = np.random.default_rng(1).standard_normal((3, 3, 3, 8)).astype(np.float32)
+  np.testing.assert_array_equal(winograd.conv3x3(x, k, np.int64(4)),
+                                winograd.conv3x3(x, k, 4))
 
 
 def test_conv3x3_module_matches_flax_conv_for_both_algorithms():

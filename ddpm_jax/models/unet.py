@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddpm_jax.models import layers
 
@@ -30,6 +31,26 @@ Dtype = Any
 # Compute dtypes a config may name.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
+
+
+def _check_class_ids(y: jax.Array, num_classes: int) -> None:
+  """Refuses class ids outside 0..num_classes; values only when concrete.
+
+  The embedding lookup would not: id num_classes + 1 reads NaN, and -1 wraps
+  to num_classes, "no class".
+  """
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"y must hold integer class ids, got dtype {y.dtype}.")
+  try:
+    values = np.asarray(y)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return  # traced: values are unknown until run time
+  bad = values[(values < 0) | (values > num_classes)]
+  if bad.size:
+    raise ValueError(f"y holds class ids {bad.tolist()[:8]} outside 0.."
+                     f"{num_classes} (0..{num_classes - 1}, and {num_classes} "
+                     "for no class).")
 
 
 def validate_hparams(*, image_size: int, in_ch: int, ch: int, out_ch: int,
@@ -169,6 +190,7 @@ class UNet(nn.Module):
       y = jnp.asarray(y)
       if y.shape != (b,):
         raise ValueError(f"y must have shape [B]=({b},), got {y.shape}")
+      _check_class_ids(y, self.num_classes)
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch,
                              dtype=self.dtype, name="class_embed")(y)
     elif y is not None:

@@ -16,6 +16,7 @@ with m: relative ~1e-6 (m = 2) and ~2e-5 (m = 4) of the output's scale in
 float32.
 """
 from fractions import Fraction
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,9 @@ def _combine(matrix, parts):
 
 
 def _check_tile(tile: int) -> None:
-  if tile not in TILES:
+  # Not 4.0 (== 4, but no valid padding width) nor True (== 1).
+  if (not isinstance(tile, numbers.Integral) or isinstance(tile, bool)
+      or tile not in TILES):
     raise ValueError(f"winograd tile must be one of {TILES}, got {tile!r}")
 
 
