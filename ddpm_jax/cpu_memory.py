@@ -53,7 +53,9 @@ def reuse_scratch() -> str:
 
   Returns:
     'on', or why not: 'off (DDPM_JAX_REUSE_SCRATCH=0)', 'off (not glibc)',
-    'off (accelerator plugin)', 'off (GLIBC_TUNABLES sets malloc)'.
+    'off (accelerator plugin)', 'off (GLIBC_TUNABLES sets malloc)', 'off
+    (JAX already started)' (JAX reads the dispatch setting once, when its
+    backend starts; nothing is changed then).
   Raises:
     ValueError: DDPM_JAX_REUSE_SCRATCH is neither 0 nor 1.
   """
@@ -71,6 +73,11 @@ def reuse_scratch() -> str:
   if not cpu_only and _accelerator_plugin_installed():
     return "off (accelerator plugin)"
   import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  # Private, so looked up softly: a JAX without it is simply not checked.
+  started = getattr(xla_bridge, "backends_are_initialized", lambda: False)
+  if started():
+    return "off (JAX already started)"
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   libc = ctypes.CDLL(None)
   # -1: never trim (mallopt(3)).

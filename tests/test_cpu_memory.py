@@ -79,6 +79,20 @@ def test_accelerator_plugin_keeps_the_defaults(monkeypatch):
   assert cpu_memory.reuse_scratch() == "off (accelerator plugin)"
 
 
+@glibc_only
+def test_too_late_once_jax_has_started(monkeypatch):
+  """JAX reads the dispatch setting when its backend starts: later, 'on'
+  was reported for a setting that did nothing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("DDPM_JAX_REUSE_SCRATCH", raising=False)
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  jax.devices()  # started
+  before = jax.config.values["jax_cpu_enable_async_dispatch"]
+  assert cpu_memory.reuse_scratch() == "off (JAX already started)"
+  assert jax.config.values["jax_cpu_enable_async_dispatch"] == before
+
+
 def test_bad_setting_is_a_clear_error(monkeypatch):
   monkeypatch.setenv("DDPM_JAX_REUSE_SCRATCH", "yes")
   with pytest.raises(ValueError, match="DDPM_JAX_REUSE_SCRATCH='yes' must be 1"):
