@@ -255,6 +255,8 @@ def test_class_conditioning():
       model.apply({"params": params}, x, t, jnp.array(bad, jnp.int32))
   with pytest.raises(ValueError, match="integer class ids, got dtype float32"):
     model.apply({"params": params}, x, t, jnp.array([0.0, 1.0]))
+  with pytest.raises(ValueError, match=r"NHWC images \[B, H, W, C\], got shape \(16, 16, 3\)"):
+    model.apply({"params": params}, x[0], t[:1])
 
 
 def test_bfloat16_compute_close_to_float32():

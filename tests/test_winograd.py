@@ -91,6 +91,8 @@ def test_bfloat16_stays_close():
 def test_mismatched_kernel_is_refused():
   with pytest.raises(ValueError, match="does not fit"):
     winograd.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 4, 8)))
+  with pytest.raises(ValueError, match=r"NHWC x and HWIO kernel, got shapes \(4, 4, 3\)"):
+    winograd.conv3x3(jnp.zeros((4, 4, 3)), jnp.zeros((3, 3, 3, 8)))
   for tile in (3, 4.0, True):  # 4.0 == 4 failed inside jnp.pad instead
     with pytest.raises(ValueError, match=f"tile must be one of .*got {tile!r}"):
       winograd.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 8)), tile)

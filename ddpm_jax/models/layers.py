@@ -46,6 +46,9 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
 
 def check_inputs(x: jax.Array, t: jax.Array, ch_mult) -> jax.Array:
   """Validates NHWC `x` against `ch_mult` and returns `t` as `[B]`."""
+  if x.ndim != 4:
+    raise ValueError(f"x must be a batch of NHWC images [B, H, W, C], got "
+                     f"shape {x.shape} (one image: x[None]).")
   b, height, width, _ = x.shape
   factor = 2 ** (len(ch_mult) - 1)
   if height % factor or width % factor:

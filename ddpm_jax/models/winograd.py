@@ -159,6 +159,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int = 4) -> jax.Array:
     ``[B, H, W, C_out]`` in x's dtype.
   """
   _check_tile(tile)
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f"winograd.conv3x3 takes NHWC x and HWIO kernel, got "
+                     f"shapes {x.shape} and {kernel.shape}.")
   if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
     raise ValueError(f"winograd.conv3x3: kernel {kernel.shape} does not fit "
                      f"input {x.shape} (need [3, 3, {x.shape[-1]}, C_out])")
