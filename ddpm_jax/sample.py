@@ -135,13 +135,15 @@ def _set_dtype(config) -> bool:
   return True
 
 
-def _default_out(step: int, d, num_timesteps: int, dtype_changed: bool) -> str:
+def _default_out(step: int, d, num_timesteps: int, dtype_changed: bool,
+                 workdir_steps: dict) -> str:
   """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_strided|_sections{a-b-c}][_eta{E}][_raw][_{dtype}][_cond{H}]_n{num}_seed{S}.npz`.
 
   Named by what the samples depend on, so that different requests keep
   different files (and never the trainer's own `samples/step_N.png`). `K`:
   the steps run; `dtype`: --dtype where it differs from a run's own; `H`: 8
-  hex digits of a hash of the conditioning flags given.
+  hex digits of a hash of the conditioning flags given (a classifier or
+  upsampler run by its path and the checkpoint step loaded, `workdir_steps`).
   """
   name = (f"sample_step{step}_{FLAGS.sampler}{d.num_timesteps}"
           f"{_spacing_tag(d, num_timesteps)}")
@@ -158,7 +160,8 @@ def _default_out(step: int, d, num_timesteps: int, dtype_changed: bool) -> str:
       if flag in _IMAGE_FLAGS:
         value = files.file_sha256(value)
       elif flag.endswith("_workdir"):
-        value = os.path.realpath(value)
+        # Its newer checkpoints make other samples: the step names them too.
+        value = [os.path.realpath(value), workdir_steps[flag]]
       conditioning[flag] = value
   if conditioning:
     digest = hashlib.sha256(json.dumps(conditioning, sort_keys=True).encode())
@@ -200,11 +203,11 @@ def _check_writable(path: str) -> None:
 
 
 def _load_upsampler(config, num_samples: int):
-  """The second stage's (config, params, options); checked like the first."""
+  """The second stage's (config, params, options, step loaded); checked like the first."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
-  sr_config, sr_params, _ = checkpointing.load_params(
+  sr_config, sr_params, sr_step = checkpointing.load_params(
       FLAGS.upsampler_workdir, which="ema" if FLAGS.params == "ema" else "params")
   low_res_size = int(sr_config.model.get("low_res_size", 0))
   if not low_res_size:
@@ -236,7 +239,7 @@ def _load_upsampler(config, num_samples: int):
       sr_config, num_samples=num_samples, batch_size=FLAGS.batch_size,
       options=sr_options, seed=FLAGS.seed, low_res=low_res,
       aug_level=FLAGS.upsampler_aug_level)
-  return sr_config, sr_params, sr_options
+  return sr_config, sr_params, sr_options, sr_step
 
 
 def run(argv) -> None:
@@ -274,9 +277,10 @@ def run(argv) -> None:
     raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
                      "(and no --outpaint).")
   # The runs and inputs; every check of the request runs before "Sampling".
-  classifier, dtype_changed = None, False
+  classifier, dtype_changed, workdir_steps = None, False, {}
   if FLAGS.classifier_workdir:
-    cls_config, cls_params, _ = checkpointing.load_params(FLAGS.classifier_workdir)
+    cls_config, cls_params, workdir_steps["classifier_workdir"] = (
+        checkpointing.load_params(FLAGS.classifier_workdir))
     dtype_changed = _set_dtype(cls_config)
     classifier = (cls_config, cls_params)
   options = generation.SamplerOptions(
@@ -305,8 +309,9 @@ def run(argv) -> None:
   if FLAGS.upsampler_workdir:
     upsampler = _load_upsampler(config, FLAGS.num_samples)
     dtype_changed |= _set_dtype(upsampler[0])
+    workdir_steps["upsampler_workdir"] = upsampler[3]
   out = FLAGS.out or _default_out(step, d, config.diffusion.num_timesteps,
-                                  dtype_changed)
+                                  dtype_changed, workdir_steps)
   grid = FLAGS.grid or os.path.splitext(out)[0] + ".png"
   if grid != "none" and (
       os.path.realpath(out) == os.path.realpath(grid) or (
@@ -330,7 +335,7 @@ def run(argv) -> None:
       labels=labels, known=known, known_mask=known_mask, classifier=classifier)
   arrays = {"samples": result["samples"]}
   if upsampler:
-    sr_config, sr_params, sr_options = upsampler
+    sr_config, sr_params, sr_options, _ = upsampler
     print(f"Upsampling to {sr_config.data.image_size}x{sr_config.data.image_size} "
           f"with {FLAGS.upsampler_workdir}.", flush=True)
     arrays["low_res"] = result["samples"]

@@ -1,4 +1,5 @@
 """`python -m ddpm_jax.sample` and the generation library behind it."""
+import json
 import os
 import re
 import subprocess
@@ -424,6 +425,33 @@ def test_cli_dtype_sets_the_compute_dtype_and_names_a_change(tmp_path):
     assert_images_close(outputs[dtype], want[dtype])
   # bfloat16 rounding shows in the images (36 levels over 192 pixels here).
   assert np.abs(want["bfloat16"].astype(int) - want["float32"]).sum() > 10
+
+
+_OUT_NAMES = r"""
+import json, sys
+from ddpm_jax import diffusion, sample, schedules
+d = diffusion.GaussianDiffusion.create(schedules.get_beta_schedule("linear", 20))
+names = []
+for flag, step in json.loads(sys.argv[1]):
+  sample.FLAGS.unparse_flags()
+  sample.FLAGS(["sample", "--workdir=w", f"--{flag}=other_run"])
+  names.append(sample._default_out(4, d, 20, False, {flag: step}))
+print(json.dumps(names))
+"""
+
+
+def test_default_names_tell_a_guide_or_upsampler_checkpoint_apart():
+  """A classifier or upsampler run trained on kept its path, and so the name:
+  the newer weights' samples overwrote the older ones."""
+  cases = [["upsampler_workdir", 4], ["upsampler_workdir", 6],
+           ["classifier_workdir", 4], ["classifier_workdir", 8]]
+  r = subprocess.run([sys.executable, "-c", _OUT_NAMES, json.dumps(cases)],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  names = json.loads(r.stdout)
+  assert all(re.fullmatch(r"w/samples/sample_step4_ancestral20_cond[0-9a-f]{8}_n64_seed0\.npz", n)
+             for n in names), names
+  assert len(set(names)) == 4, names
 
 
 def test_cli_default_names_tell_the_steps_and_count_apart(tmp_path):
