@@ -6,8 +6,9 @@ clip, (x + 1) * 127.5, round) and, for class-conditional models, `labels` to
 an .npz (default: `WORKDIR/samples/sample_stepN_{sampler}{K}_n{N}_seed{S}.npz`,
 with `_strided` or `_sections{a-b-c}`, `_eta{E}`, `_raw`, `_{dtype}` or
 `_cond{hash}` before `_n` for the choice of the K steps, DDIM's eta, the raw
-parameters, a `--dtype` other than the run's or conditioning), plus a PNG grid of the first samples beside it. The output
-only replaces an existing file once it is complete. Example:
+parameters, a `--dtype` other than the run's or conditioning), plus a PNG
+grid of the first samples beside it. The output only replaces an existing
+file once it is complete. Example:
 
   python -m ddpm_jax.sample --workdir runs/digits --num_samples 64 \
       --sampler ddim --steps 50 --out runs/digits/samples.npz
@@ -49,7 +50,7 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                   "on GPUs and TPUs, float32 on most CPUs.")
 flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
                     "sample_stepN_{sampler}{K}[_strided|_sections{a-b-c}]"
-                    "[_eta{E}][_raw][_cond{hash}]_n{N}_seed{S}.npz, K "
+                    "[_eta{E}][_raw][_{dtype}][_cond{hash}]_n{N}_seed{S}.npz, K "
                     "sampling steps); missing folders are created.")
 flags.DEFINE_string("grid", None, "Output .png grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
