@@ -168,6 +168,7 @@ def _matmul_flops(jaxpr) -> int:
   return total
 
 
+@pytest.mark.slow  # ~1-2.5 min on 2 cores: the default run stays under 15 min
 def test_flops_are_the_direct_programs_on_the_cpu():
   """FLOPs come from XLA's CPU cost analysis of the direct-convolution programs
   (lowered for the CPU on any platform: a GPU's compiled count leaves out its
@@ -338,6 +339,7 @@ def test_gpu_sh_static_checks():
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # ~1-2.5 min on 2 cores: the default run stays under 15 min
 def test_gpu_sh_smoke_runs_the_chosen_step(tmp_path):
   """--smoke --steps mem256 runs that step alone (tiny model) and writes its JSON."""
   proc = run_gpu_sh("--smoke", "--steps", "mem256", str(tmp_path))

@@ -74,6 +74,7 @@ def _denoising_loss(config, params, label_shift):
   return float(np.mean(losses))
 
 
+@pytest.mark.slow  # ~1-2.5 min on 2 cores: the default run stays under 15 min
 def test_conditional_training_uses_the_label(tmp_path):
   # Fast: after 200 updates the network already denoises held-out digits
   # better when told their true class than a wrong one (the class signal

@@ -234,6 +234,7 @@ def test_digits_cli_trains_samples_and_stops_on_signal(tmp_path, sig, want_rc):
   assert grid.ndim == 2 and grid.std() > 0
 
 
+@pytest.mark.slow  # ~1-2.5 min on 2 cores: the default run stays under 15 min
 def test_sigterm_during_the_last_save_keeps_it_and_exits_0(tmp_path):
   """The save runs in the background: SIGTERM must not cut it short."""
   workdir = tmp_path / "run"
