@@ -382,7 +382,7 @@ def test_ddim_guidance_where_abar_is_zero_stays_finite():
   assert np.isfinite(np.asarray(out)).all()
   # Its gradient too: the unused guided branch once gave 0 * inf = NaN. The
   # gradient of a guided DDIM step (t = 9, abar = 0, and t = 3) with respect
-  # to the model's scale against central differences in float64 arithmetic.
+  # to the model's scale against central differences.
   scaled = lambda w: lambda x, t: w * jnp.tanh(x)
   t = jnp.array([9, 3, 9, 3])
   f = lambda w: S.ddim_sample(d, scaled(w), x, t, jax.random.key(1),
