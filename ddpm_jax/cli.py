@@ -133,6 +133,17 @@ def parse_flags(argv):
   return rest
 
 
+def apply_dtype(config: ml_collections.ConfigDict, dtype) -> bool:
+  """Sets a loaded run's `model.dtype` to a CLI's --dtype; whether that changed it.
+
+  `dtype` None (the flag not given) keeps the run's own compute dtype.
+  """
+  if not dtype or dtype == config.model.dtype:
+    return False
+  config.model.dtype = dtype
+  return True
+
+
 def quiet_orbax() -> None:
   """Keeps the console for progress and our errors.
 

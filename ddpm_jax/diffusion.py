@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import keys
+from ddpm_jax import range_checks
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -201,16 +202,10 @@ def _check_t(d: GaussianDiffusion, t, x) -> None:
         f"t must have shape [B] = {x_shape[:1]} (one timestep per example of "
         f"x with shape {x_shape}), got {t_shape}; for one t for every example "
         "pass jnp.full((B,), t, jnp.int32).")
-  try:
-    values = np.asarray(t)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return  # traced: values are unknown until run time
-  if values.size and (values.min() < 0 or values.max() >= d.num_timesteps):
-    bad = values[(values < 0) | (values >= d.num_timesteps)]
-    raise ValueError(
-        f"t out of range: got {bad.tolist()[:8]}; allowed 0..{d.num_timesteps - 1}"
-        " (time is 0-based).")
+  bad = range_checks.outside(t, 0, d.num_timesteps - 1)
+  if bad:
+    raise ValueError(f"t out of range: got {bad}; allowed "
+                     f"0..{d.num_timesteps - 1} (time is 0-based).")
 
 
 def _check_like(name: str, a, ref_name: str, ref) -> None:

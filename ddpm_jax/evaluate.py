@@ -92,11 +92,6 @@ def _training_images(source, count):
     yield np.stack([source[i]["image"] for i in range(start, min(start + chunk, count))])
 
 
-def _dtype_tag(saved_dtype: str) -> str:
-  """`_<dtype>` when --dtype differs from the run's own model.dtype, else ''."""
-  return f"_{FLAGS.dtype}" if FLAGS.dtype and FLAGS.dtype != saved_dtype else ""
-
-
 def bpd_path(eval_dir: str, step: int, num_examples: int, split: str,
              dtype_tag: str = "") -> str:
   """`bpd_<split>_step<S>_<params>[_<dtype>]_n<N>[_seed<seed>].json`: one file per setting.
@@ -353,9 +348,8 @@ def run(argv) -> None:
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
-  dtype_tag = _dtype_tag(config.model.dtype)
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
+  # `_<dtype>` in result names when --dtype differs from the run's own.
+  dtype_tag = f"_{FLAGS.dtype}" if cli.apply_dtype(config, FLAGS.dtype) else ""
   writer = jax.process_index() == 0
   eval_dir = os.path.join(FLAGS.workdir, "eval")
   # Every metric's inputs are checked before any of them computes anything.

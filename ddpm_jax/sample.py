@@ -128,14 +128,6 @@ def _spacing_tag(d, num_timesteps: int) -> str:
   return "_sections" + spec.replace(",", "-")
 
 
-def _set_dtype(config) -> bool:
-  """Applies --dtype to a loaded run's config; whether that changed it."""
-  if not FLAGS.dtype or FLAGS.dtype == config.model.dtype:
-    return False
-  config.model.dtype = FLAGS.dtype
-  return True
-
-
 def _default_out(step: int, d, num_timesteps: int, dtype_changed: bool,
                  workdir_steps: dict) -> str:
   """`WORKDIR/samples/sample_step{N}_{sampler}{K}[_strided|_sections{a-b-c}][_eta{E}][_raw][_{dtype}][_cond{H}]_n{num}_seed{S}.npz`.
@@ -282,7 +274,7 @@ def run(argv) -> None:
   if FLAGS.classifier_workdir:
     cls_config, cls_params, workdir_steps["classifier_workdir"] = (
         checkpointing.load_params(FLAGS.classifier_workdir))
-    dtype_changed = _set_dtype(cls_config)
+    dtype_changed = cli.apply_dtype(cls_config, FLAGS.dtype)
     classifier = (cls_config, cls_params)
   options = generation.SamplerOptions(
       sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
@@ -292,7 +284,7 @@ def run(argv) -> None:
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
-  dtype_changed |= _set_dtype(config)
+  dtype_changed |= cli.apply_dtype(config, FLAGS.dtype)
   generation.sampling_diffusion(config, options)  # K > T etc. before any image
   known = known_mask = None
   if FLAGS.inpaint:
@@ -309,7 +301,7 @@ def run(argv) -> None:
   upsampler = None
   if FLAGS.upsampler_workdir:
     upsampler = _load_upsampler(config, FLAGS.num_samples)
-    dtype_changed |= _set_dtype(upsampler[0])
+    dtype_changed |= cli.apply_dtype(upsampler[0], FLAGS.dtype)
     workdir_steps["upsampler_workdir"] = upsampler[3]
   out = FLAGS.out or _default_out(step, d, config.diffusion.num_timesteps,
                                   dtype_changed, workdir_steps)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import keys
+from ddpm_jax import range_checks
 from ddpm_jax.diffusion import GaussianDiffusion
 
 # apply_fn(x [B, S, S, C], t [B], low_res [B, s, s, C], aug_t int32 [B])
@@ -69,15 +70,10 @@ def _check_levels(d: GaussianDiffusion, aug_t, low_res) -> None:
     raise ValueError(
         f"aug_t must be an integer array of shape [B] = {jnp.shape(low_res)[:1]}"
         f" (one level per low-resolution image), got {aug_t!r}.")
-  try:
-    values = np.asarray(aug_t)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return  # traced: values are unknown until run time
-  bad = values[(values < 0) | (values > d.num_timesteps)]
-  if bad.size:
+  bad = range_checks.outside(aug_t, 0, d.num_timesteps)
+  if bad:
     # Indexing would clamp them silently to level T or wrap negative ones.
-    raise ValueError(f"aug_t out of range: got {bad.tolist()[:8]}; allowed "
+    raise ValueError(f"aug_t out of range: got {bad}; allowed "
                      f"0..{d.num_timesteps} (0 = clean).")
 
 

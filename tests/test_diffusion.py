@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from ddpm_jax import diffusion as D
+from ddpm_jax import range_checks
 from ddpm_jax import schedules
 from oracles import (discretized_entropy_bits, discretized_gaussian_data,
                      gaussian_oracle)
@@ -487,6 +488,16 @@ def test_a_last_beta_of_one_needs_x0_or_v_prediction():
     x_t = jax.random.normal(key, (2, 3))
     eps = D.predict_eps_from_xstart(d, x_t, jnp.array([9, 9]), jnp.ones((2, 3)))
     np.testing.assert_allclose(eps, x_t, rtol=1e-6)
+
+
+def test_range_checks_name_the_values_outside_only_when_concrete():
+  assert range_checks.outside(np.array([[3, -1], [12, 5]]), 0, 9) == [-1, 12]
+  assert range_checks.outside(jnp.arange(30), 0, 9) == list(range(10, 18))
+  assert range_checks.outside(jnp.zeros((0,), jnp.int32), 0, 9) == []
+  seen = []  # traced: the values exist only when the program runs
+  jax.jit(lambda t: seen.append(range_checks.outside(t, 0, 9)) or t)(
+      jnp.array([10]))
+  assert seen == [[]]
 
 
 def test_conversions_check_their_timesteps():

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import range_checks
 from ddpm_jax.models import layers
 
 Dtype = Any
@@ -41,14 +42,9 @@ def _check_class_ids(y: jax.Array, num_classes: int) -> None:
   """
   if not jnp.issubdtype(y.dtype, jnp.integer):
     raise ValueError(f"y must hold integer class ids, got dtype {y.dtype}.")
-  try:
-    values = np.asarray(y)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return  # traced: values are unknown until run time
-  bad = values[(values < 0) | (values > num_classes)]
-  if bad.size:
-    raise ValueError(f"y holds class ids {bad.tolist()[:8]} outside 0.."
+  bad = range_checks.outside(y, 0, num_classes)
+  if bad:
+    raise ValueError(f"y holds class ids {bad} outside 0.."
                      f"{num_classes} (0..{num_classes - 1}, and {num_classes} "
                      "for no class).")
 
