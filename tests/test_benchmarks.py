@@ -104,6 +104,7 @@ def test_throughput_smoke():
   assert "ours / theirs" in text and "train images/s" in text
 
 
+@pytest.mark.slow  # 20-60 s on 2 quiet cores: the default run stays under 15 min
 def test_throughput_train_only():
   """--parts train compiles and times the train step alone (the memory check of
   the 256x256 models); the forward FLOPs are still counted."""
@@ -123,6 +124,7 @@ def test_throughput_train_only():
   assert "train images/s" in text and "sample evals/s" not in text
 
 
+@pytest.mark.slow  # 20-60 s on 2 quiet cores: the default run stays under 15 min
 def test_throughput_profile(tmp_path):
   """--profile traces each part once more and summarises it per op kind."""
   lines = []
@@ -213,6 +215,7 @@ def test_flops_are_the_direct_programs_on_the_cpu():
                                                             rel=1e-6)
 
 
+@pytest.mark.slow  # 20-60 s on 2 quiet cores: the default run stays under 15 min
 def test_sample_time_smoke():
   lines = []
   result = sample_time.run_benchmark(tiny_config(), num_samples=3, batch_size=2,

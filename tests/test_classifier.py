@@ -150,6 +150,7 @@ def _accuracy(model, params, d, x0, labels, t_value, seed):
   return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
 
 
+@pytest.mark.slow  # 20-60 s on 2 quiet cores: the default run stays under 15 min
 def test_train_cli_classifier_is_accurate_and_noise_aware(tmp_path):
   # 200 updates of configs/digits_classifier.py (one ResNet block per level)
   # through the train CLI: about a minute on 2 loaded cores.

@@ -454,6 +454,7 @@ def test_default_names_tell_a_guide_or_upsampler_checkpoint_apart():
   assert len(set(names)) == 4, names
 
 
+@pytest.mark.slow  # 20-60 s on 2 quiet cores: the default run stays under 15 min
 def test_cli_default_names_tell_the_steps_and_count_apart(tmp_path):
   """Requests running the same number K of different steps, or another
   number of samples, keep their own files; K evenly spread steps have one name."""
