@@ -133,6 +133,34 @@ def parse_flags(argv):
   return rest
 
 
+def define_process_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id of a multi-process CLI.
+
+  For several CPU processes on one machine (`launch/local.sh`); on a TPU pod
+  or a SLURM cluster the processes find each other without them (see
+  `parallel.initialize_distributed`).
+  """
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (multi-process CPU runs; env "
+                      "JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Number of processes (env JAX_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None,
+                       "This process's id (env JAX_PROCESS_ID).")
+
+
+def initialize_processes() -> None:
+  """Joins the other processes of a multi-process run; nothing for one process.
+
+  Call before anything touches a device. Every process then runs the same
+  program over the devices of all of them, and process 0 writes the outputs.
+  """
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed(flags.FLAGS.coordinator_address,
+                                  flags.FLAGS.num_processes,
+                                  flags.FLAGS.process_id)
+
+
 def apply_dtype(config: ml_collections.ConfigDict, dtype) -> bool:
   """Sets a loaded run's `model.dtype` to a CLI's --dtype; whether that changed it.
 

@@ -12,7 +12,9 @@ statistics, computed once and cached (keyed by the weights file's sha256 and
 the reference images). Every input of every metric is checked before any is
 computed. Results are printed and saved as JSON under WORKDIR/eval/, in a file
 named by the settings that change the numbers (`bpd_path`,
-`sample_metrics_path`); the JSON records all of them.
+`sample_metrics_path`); the JSON records all of them. Several processes (a
+TPU pod, SLURM tasks, `launch/local.sh -m evaluate`) share the sampling and the
+bound over all their devices; process 0 writes the results.
 """
 import hashlib
 import json
@@ -54,6 +56,7 @@ flags.DEFINE_integer("num_reference", None,
                      "(default: the whole training split, the protocol).")
 flags.DEFINE_string("stats_cache", os.path.join("~", ".cache", "ddpm_jax", "fid_stats"),
                     "Directory caching the training set's Inception statistics.")
+cli.define_process_flags()
 flags.mark_flags_as_required(["workdir"])
 
 METRICS = ("bpd", "fid", "is", "kid")
@@ -222,6 +225,7 @@ def prepare_sample_metrics(config, metrics) -> dict:
 
 def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
   """FID / IS / KID of samples (drawn now or read from --samples)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
 
@@ -240,8 +244,10 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
   result.update(inception_weights=setup["weights"],
                 inception_weights_sha256=setup["weights_sha256"])
   module, inception_params = setup["module"], setup["inception_params"]
+  # Every process scores all the samples (the sampling was shared); one bar.
+  progress = jax.process_index() == 0
   feats = m.inception_features(module, inception_params, samples,
-                               batch_size=FLAGS.batch_size, progress=True)
+                               batch_size=FLAGS.batch_size, progress=progress)
   if "is" in metrics:
     result["is_splits"] = IS_SPLITS
     result["is"], result["is_std"] = m.inception_score(feats["logits"],
@@ -259,7 +265,7 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
     ref = m.reference_stats(
         name, lambda: m.inception_features(
             module, inception_params, _training_images(source, num_reference),
-            batch_size=FLAGS.batch_size, progress=True)["pool3"],
+            batch_size=FLAGS.batch_size, progress=progress)["pool3"],
         os.path.expanduser(FLAGS.stats_cache), keep_features="kid" in metrics,
         fingerprint=fingerprint)
     result["reference"] = f"{data.dataset} train, first {int(ref['num_examples'])} images"
@@ -345,6 +351,7 @@ def run(argv) -> None:
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ddpm_jax.metrics import bpd  # pylint: disable=g-import-not-at-top
 
+  cli.initialize_processes()  # before anything touches a device
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
@@ -369,26 +376,28 @@ def run(argv) -> None:
     result.update(step=step, params=FLAGS.params, seed=FLAGS.seed,
                   batch_size=FLAGS.batch_size, dtype=config.model.dtype)
     path = bpd_path(eval_dir, step, num_examples, result["split"], dtype_tag)
-    if writer:
+    if writer:  # one file and one console for all processes
       _write_json_atomic(path, result)
-    read_as = ("" if result["split"] == FLAGS.split else
-               f" (--split {FLAGS.split}: this data set has no such split)")
-    print(f"{result['split']} bits/dim{read_as} at step {step} ({FLAGS.params}) over "
-          f"{result['num_examples']} examples: {result['total_bpd']:.4f}  (L_T prior "
-          f"{result['prior_bpd']:.4f}, L_0 decoder {result['decoder_bpd']:.4f}, sum "
-          f"L_1..L_T-1 {result['vb_sum_bpd']:.4f}) -> {path}", flush=True)
+      read_as = ("" if result["split"] == FLAGS.split else
+                 f" (--split {FLAGS.split}: this data set has no such split)")
+      print(f"{result['split']} bits/dim{read_as} at step {step} ({FLAGS.params}) "
+            f"over {result['num_examples']} examples: {result['total_bpd']:.4f}  "
+            f"(L_T prior {result['prior_bpd']:.4f}, L_0 decoder "
+            f"{result['decoder_bpd']:.4f}, sum L_1..L_T-1 "
+            f"{result['vb_sum_bpd']:.4f}) -> {path}", flush=True)
   if sample_wanted:
     result = sample_metrics(config, params, sample_wanted, setup, step=step)
     path = sample_metrics_path(eval_dir, sample_wanted, step, setup,
                                "" if FLAGS.samples else dtype_tag)
     if writer:
       _write_json_atomic(path, result)
-    parts = [f"{k.upper()} {result[k]:.4f}" for k in ("fid", "is", "kid") if k in result]
-    origin = (f"samples from {FLAGS.samples}" if FLAGS.samples else
-              f"samples at step {step} ({FLAGS.params}, {FLAGS.sampler}, "
-              f"steps={FLAGS.steps or 'all'})")
-    print(f"{', '.join(parts)} of {result['num_samples']} {origin} -> {path}",
-          flush=True)
+      parts = [f"{k.upper()} {result[k]:.4f}" for k in ("fid", "is", "kid")
+               if k in result]
+      origin = (f"samples from {FLAGS.samples}" if FLAGS.samples else
+                f"samples at step {step} ({FLAGS.params}, {FLAGS.sampler}, "
+                f"steps={FLAGS.steps or 'all'})")
+      print(f"{', '.join(parts)} of {result['num_samples']} {origin} -> {path}",
+            flush=True)
 
 
 def main(argv):

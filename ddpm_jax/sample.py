@@ -18,6 +18,9 @@ conditional model; classifier-free guidance), `--classifier_workdir CLS
 --classifier_scale 1` (classifier guidance), `--inpaint IMAGE --mask MASK
 [--resample 5]` (white = keep) or `--outpaint SMALL_IMAGE`. Every request is
 checked before the first sampling step.
+
+Several processes (a TPU pod, SLURM tasks, `launch/local.sh -m sample`) draw
+the samples together over all their devices; process 0 writes them.
 """
 import hashlib
 import json
@@ -54,6 +57,7 @@ flags.DEFINE_string("out", None, "Output .npz (default: WORKDIR/samples/"
                     "sampling steps); missing folders are created.")
 flags.DEFINE_string("grid", None, "Output .png grid of the first 100 samples "
                     "(default: --out with .png; 'none' to skip).")
+cli.define_process_flags()
 # Conditional generation.
 flags.DEFINE_list("class_label", None,
                   "Class-conditional models: one label for all samples, or N "
@@ -269,6 +273,7 @@ def run(argv) -> None:
       not (FLAGS.inpaint and FLAGS.mask) or FLAGS.outpaint):
     raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
                      "(and no --outpaint).")
+  cli.initialize_processes()  # before anything touches a device
   # The runs and inputs; every check of the request runs before "Sampling".
   classifier, dtype_changed, workdir_steps = None, False, {}
   if FLAGS.classifier_workdir:
@@ -318,10 +323,11 @@ def run(argv) -> None:
     if grid != "none":
       _check_writable(grid)
   batch_size = generation.batch_size_for(FLAGS.num_samples, FLAGS.batch_size)
-  print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
-        f"({FLAGS.params} params, {config.model.dtype}) with {FLAGS.sampler}, "
-        f"{d.num_timesteps} steps, in batches of {batch_size} on {jax.device_count()} device(s).",
-        flush=True)
+  if writer:  # one console for all processes
+    print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "
+          f"({FLAGS.params} params, {config.model.dtype}) with {FLAGS.sampler}, "
+          f"{d.num_timesteps} steps, in batches of {batch_size} on "
+          f"{jax.device_count()} device(s).", flush=True)
   result = generation.generate(
       config, params, num_samples=FLAGS.num_samples,
       batch_size=FLAGS.batch_size, options=options, seed=FLAGS.seed,
@@ -329,8 +335,10 @@ def run(argv) -> None:
   arrays = {"samples": result["samples"]}
   if upsampler:
     sr_config, sr_params, sr_options, _ = upsampler
-    print(f"Upsampling to {sr_config.data.image_size}x{sr_config.data.image_size} "
-          f"with {FLAGS.upsampler_workdir}.", flush=True)
+    if writer:
+      print(f"Upsampling to {sr_config.data.image_size}x"
+            f"{sr_config.data.image_size} with {FLAGS.upsampler_workdir}.",
+            flush=True)
     arrays["low_res"] = result["samples"]
     stage2 = generation.generate(
         sr_config, sr_params, num_samples=FLAGS.num_samples,
@@ -349,10 +357,10 @@ def run(argv) -> None:
       images = arrays["samples"][:_GRID_MAX].astype("float32") / 127.5 - 1.0
       image_grid.save_image_grid(images, grid,
                                  upscale=max(1, 64 // config.data.image_size))
-  rate = FLAGS.num_samples / result["seconds"]
-  print(f"Wrote {out}" + ("" if grid == "none" else f" and {grid}") +
-        f": {FLAGS.num_samples} samples in {result['seconds']:.1f} s "
-        f"({rate:.2f} images/s).", flush=True)
+    rate = FLAGS.num_samples / result["seconds"]
+    print(f"Wrote {out}" + ("" if grid == "none" else f" and {grid}") +
+          f": {FLAGS.num_samples} samples in {result['seconds']:.1f} s "
+          f"({rate:.2f} images/s).", flush=True)
 
 
 def main(argv):

@@ -20,10 +20,7 @@ config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/digits.py (or configs/digits.py:test).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 (multi-process CPU runs; env JAX_COORDINATOR_ADDRESS).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (env JAX_NUM_PROCESSES).")
-flags.DEFINE_integer("process_id", None, "This process's id (env JAX_PROCESS_ID).")
+cli.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,12 +32,10 @@ def main(argv):
   cli.exit_on_user_error(cpu_memory.reuse_scratch)  # before JAX starts
   cli.quiet_orbax()
   # Imported after flag parsing so that `--help` is fast.
-  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax import trainer  # pylint: disable=g-import-not-at-top
 
   def run():
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+    cli.initialize_processes()
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
   # User errors (bad config, data, workdir) and divergence (NaN): a message.

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Run N training processes on this machine, joined by jax.distributed over
-# 127.0.0.1 with CPU (gloo) collectives: a multi-host run without a cluster.
+# Run N processes of training (or sampling, or evaluation) on this machine,
+# joined by jax.distributed over 127.0.0.1 with CPU (gloo) collectives: a
+# multi-host run without a cluster.
 #
 # Usage: launch/local.sh [-n NUM_PROCESSES] [-d DEVICES_PER_PROCESS] [-p PORT]
-#                        [--dry-run] -- TRAIN_ARGS...
-# Example:
+#                        [-m train|sample|evaluate] [--dry-run] -- ARGS...
+# Examples:
 #   launch/local.sh -n 2 -d 2 -- --config configs/digits.py:test --workdir runs/mh
+#   launch/local.sh -n 2 -d 2 -m sample -- --workdir runs/mh --num_samples 64
+# -m picks the command, python -m ddpm_jax.MODULE ARGS (default train); the
+# processes share its work and process 0 writes its outputs.
 # The coordinator listens on 127.0.0.1:PORT: by default a free port the OS
 # picks, so several runs can share the machine; a -p PORT (or env PORT) that
 # something already listens on is refused.
@@ -14,7 +18,7 @@
 # lines of a failed process's log are printed. XLA_FLAGS is passed on with
 # --xla_force_host_platform_device_count=DEVICES_PER_PROCESS appended.
 # Ctrl-C: every process saves its current step and stops; exit 130, and the
-# same command resumes the run. A second Ctrl-C kills them at once (the last
+# same command resumes the run (sample and evaluate just stop). A second Ctrl-C kills them at once (the last
 # saved checkpoint stays). SIGTERM is passed on: exit 0 once all have saved.
 # --dry-run prints the commands instead of running them.
 # Exits 1 if any process fails, 2 on bad options.
@@ -24,7 +28,7 @@ set -euo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 die() { echo "error: $*" >&2; exit 2; }
 
-num=2 devices=1 port=${PORT:-} dry_run=0
+num=2 devices=1 port=${PORT:-} module=train dry_run=0
 python=${PYTHON:-}
 if [[ -z "$python" ]]; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,16 +36,17 @@ if [[ -z "$python" ]]; then
 fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    -n|-d|-p)
+    -n|-d|-p|-m)
       [[ $# -ge 2 ]] || die "$1 needs a value (see --help)"
-      case "$1" in -n) num=$2 ;; -d) devices=$2 ;; -p) port=$2 ;; esac
+      case "$1" in -n) num=$2 ;; -d) devices=$2 ;; -p) port=$2 ;; -m) module=$2 ;; esac
       shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) echo "error: unknown option $1 (use -- before the training arguments)" >&2; usage >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (use -- before the arguments of ddpm_jax.$module)" >&2; usage >&2; exit 2 ;;
   esac
 done
+case "$module" in train|sample|evaluate) ;; *) die "-m takes train, sample or evaluate, got '$module'" ;; esac
 for v in "$num" "$devices"; do
   [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "-n and -d take positive integers, got '$v'"
 done
@@ -72,7 +77,11 @@ signal_all() { for p in "${pids[@]}"; do kill -s "$1" "$p" 2> /dev/null || true;
 on_int() {
   interrupts=$((interrupts + 1))
   if ((interrupts == 1)); then
-    echo "local.sh: Ctrl-C: saving the current step, then stopping (Ctrl-C again kills the processes)" >&2
+    if [[ "$module" == train ]]; then
+      echo "local.sh: Ctrl-C: saving the current step, then stopping (Ctrl-C again kills the processes)" >&2
+    else
+      echo "local.sh: Ctrl-C: stopping the processes" >&2
+    fi
     signal_all TERM
   else
     echo "local.sh: second Ctrl-C: killing the processes without saving" >&2
@@ -89,7 +98,7 @@ if ((!dry_run)); then
 fi
 for ((i = 0; i < num; i++)); do
   cmd=(env "XLA_FLAGS=$xla_flags" JAX_PLATFORMS=cpu
-       "$python" -m ddpm_jax.train "$@"
+       "$python" -m "ddpm_jax.$module" "$@"
        "--coordinator_address=127.0.0.1:$port" "--num_processes=$num" "--process_id=$i")
   if ((dry_run)); then
     printf '%q ' "${cmd[@]}"; echo
@@ -122,7 +131,9 @@ for ((i = 0; i < ${#pids[@]}; i++)); do
   fi
 done
 if ((interrupts)); then
-  if ((failed)); then
+  if [[ "$module" != train ]]; then
+    echo "local.sh: interrupted" >&2
+  elif ((failed)); then
     echo "local.sh: interrupted; run the same command to resume from the last saved checkpoint" >&2
   else
     echo "local.sh: interrupted; the run saved its current step: run the same command to resume" >&2

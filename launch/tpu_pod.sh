@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Train on every worker of an existing Cloud TPU VM slice (v4-32, v5e-64, ...).
+# Train (or sample, or evaluate) on every worker of an existing Cloud TPU VM
+# slice (v4-32, v5e-64, ...).
 #
 # Usage: launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT]
 #          [--remote-dir DIR] [--jax-spec SPEC] [--env VAR=VALUE]...
-#          [--no-install] [--detach] [--dry-run] -- TRAIN_ARGS...
+#          [--module train|sample|evaluate] [--no-install] [--detach]
+#          [--dry-run] -- ARGS...
 # Example:
 #   launch/tpu_pod.sh --tpu my-v4-32 --zone us-central2-b \
 #     --env TFDS_DATA_DIR=/mnt/shared/tfds -- \
@@ -13,11 +15,13 @@
 #   2. unpack it over DIR (default ddpm_jax, in the home directory), make a
 #      virtual environment and pip install SPEC (default jax[tpu]) and the
 #      project (skip with --no-install once done);
-#   3. run `python -m ddpm_jax.train TRAIN_ARGS` on all workers at once, each
-#      logging to ~/ddpm_train.log, with DDPM_JAX_DISTRIBUTED=1: every worker
-#      calls jax.distributed.initialize(), which needs no arguments on TPU.
-# --env exports VAR=VALUE for the training processes (repeatable).
-# --detach starts training under nohup and returns; follow it with
+#   3. run `python -m ddpm_jax.MODULE ARGS` (--module, default train) on all
+#      workers at once, each logging to ~/ddpm_MODULE.log, with
+#      DDPM_JAX_DISTRIBUTED=1: every worker calls jax.distributed.initialize(),
+#      which needs no arguments on TPU. The workers share the work; worker 0
+#      writes sample and evaluate outputs.
+# --env exports VAR=VALUE for the processes (repeatable).
+# --detach starts them under nohup and returns; follow training with
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/ddpm_train.log'
 # --workdir must be a directory every worker shares (NFS, Filestore, a gcsfuse
 # mount): all workers write to the same checkpoints.
@@ -29,7 +33,7 @@ usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# 
 die() { echo "error: $*" >&2; echo "Run $0 --help for usage." >&2; exit 2; }
 
 tpu='' zone='' project='' remote_dir=ddpm_jax jax_spec='jax[tpu]'
-install=1 detach=0 dry_run=0
+module=train install=1 detach=0 dry_run=0
 envs=()
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -40,17 +44,23 @@ while [[ $# -gt 0 ]]; do
     --remote-dir) need_value "$@"; remote_dir="$2"; shift 2 ;;
     --jax-spec) need_value "$@"; jax_spec="$2"; shift 2 ;;
     --env) need_value "$@"; envs+=("$2"); shift 2 ;;
+    --module) need_value "$@"; module="$2"; shift 2 ;;
     --no-install) install=0; shift ;;
     --detach) detach=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option '$1' (put the training arguments after --)" ;;
+    *) die "unknown option '$1' (put the arguments of ddpm_jax.$module after --)" ;;
   esac
 done
+case "$module" in train|sample|evaluate) ;; *) die "--module takes train, sample or evaluate, got '$module'" ;; esac
 [[ -n "$tpu" ]] || die "--tpu NAME is required (the TPU VM slice, see 'gcloud compute tpus tpu-vm list')"
 [[ -n "$zone" ]] || die "--zone ZONE is required (the slice's zone, e.g. us-central2-b)"
-[[ $# -gt 0 ]] || die "no training arguments; give at least -- --config CONFIG --workdir DIR"
+if [[ "$module" == train ]]; then
+  [[ $# -gt 0 ]] || die "no training arguments; give at least -- --config CONFIG --workdir DIR"
+else
+  [[ $# -gt 0 ]] || die "no $module arguments; give at least -- --workdir DIR"
+fi
 [[ "$remote_dir" =~ ^[A-Za-z0-9._/-]+$ ]] || die "--remote-dir '$remote_dir' may use only letters, digits and . _ / -"
 for e in "${envs[@]}"; do
   [[ "$e" =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || die "--env takes VAR=VALUE, got '$e'"
@@ -79,17 +89,19 @@ install_cmd+=" && .venv/bin/pip install -q $(quote "$jax_spec") -e ."
 train_cmd="cd $remote_dir && "
 ((detach)) && train_cmd+="nohup "
 # A TPU VM slice lists its workers in the metadata server, not in the
-# environment: tell ddpm_jax.train to call jax.distributed.initialize().
+# environment: tell ddpm_jax.MODULE to call jax.distributed.initialize().
 train_cmd+="env DDPM_JAX_DISTRIBUTED=1 "
 ((${#envs[@]})) && train_cmd+="$(quote "${envs[@]}")"
-train_cmd+="$(quote .venv/bin/python -m ddpm_jax.train "$@")"
+train_cmd+="$(quote .venv/bin/python -m "ddpm_jax.$module" "$@")"
+# shellcheck disable=SC2088  # the ~ is for the worker's shell to expand
+log="~/ddpm_$module.log"
 if ((detach)); then
   # All three streams redirected, so ssh returns at once. $(hostname) is
   # meant to expand on the worker.
   # shellcheck disable=SC2016
-  train_cmd+='> ~/ddpm_train.log 2>&1 < /dev/null & echo "$(hostname): started, log in ~/ddpm_train.log"'
+  train_cmd+="> $log 2>&1 < /dev/null & "'echo "$(hostname): started, log in '"$log\""
 else
-  train_cmd="set -o pipefail; $train_cmd"'2>&1 | tee ~/ddpm_train.log'
+  train_cmd="set -o pipefail; $train_cmd""2>&1 | tee $log"
 fi
 
 steps=()
