@@ -13,14 +13,17 @@ import ml_collections
 # message that says what was wrong; a traceback would only hide it.
 USER_ERRORS = (ValueError, OSError)
 
-# Orbax's and JAX's log lines that every run prints by design: a checkpoint
-# opened read-only for inference, the input pipeline's state left unrestored
-# by `load_params`, and the TPU probe on machines without one.
+# Orbax's, JAX's and tfds' log lines that every run prints by design: a
+# checkpoint opened read-only for inference, the input pipeline's state left
+# unrestored by `load_params`, the TPU probe on machines without one, and
+# tfds' first try at a data set not on disk (our own error, or tfds' build
+# from code, follows it).
 _EXPECTED_LOGS = ("Given directory is read only",
                   'Item "data" was found in the checkpoint, but could not be restored',
                   # A step without state/_METADATA: CheckpointError says so.
                   'Item "state" was found in the checkpoint, but could not be restored',
-                  "Unable to initialize backend 'tpu'")
+                  "Unable to initialize backend 'tpu'",
+                  'Failed to load dataset "')
 
 
 def exit_on_user_error(fn: Callable[..., Any], *args,

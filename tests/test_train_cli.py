@@ -83,6 +83,7 @@ def test_bad_dataset_exits_1_without_touching_the_run(tmp_path, dataset, match):
   assert r.returncode == 1, r.stderr[-2000:]
   assert "error:" in r.stderr and match in r.stderr.lower()
   assert "Traceback" not in r.stderr
+  assert "Failed to load dataset" not in r.stderr  # tfds' log line before ours
   assert _tree_files(workdir) == before
 
 
