@@ -18,8 +18,9 @@
 # lines of a failed process's log are printed. XLA_FLAGS is passed on with
 # --xla_force_host_platform_device_count=DEVICES_PER_PROCESS appended.
 # Ctrl-C: every process saves its current step and stops; exit 130, and the
-# same command resumes the run (sample and evaluate just stop). A second Ctrl-C kills them at once (the last
-# saved checkpoint stays). SIGTERM is passed on: exit 0 once all have saved.
+# same command resumes the run (sample and evaluate just stop). A second
+# Ctrl-C kills them at once (the last saved checkpoint stays). SIGTERM is
+# passed on: exit 0 once all have saved.
 # --dry-run prints the commands instead of running them.
 # Exits 1 if any process fails, 2 on bad options.
 set -euo pipefail
