@@ -3,8 +3,9 @@
 # joined by jax.distributed over 127.0.0.1 with CPU (gloo) collectives: a
 # multi-host run without a cluster.
 #
-# Usage: launch/local.sh [-n NUM_PROCESSES] [-d DEVICES_PER_PROCESS] [-p PORT]
+# Usage: launch/local.sh [N | -n N] [-d DEVICES_PER_PROCESS] [-p PORT]
 #                        [-m train|sample|evaluate] [--dry-run] -- ARGS...
+# N: the number of processes (default 2), first or with -n.
 # Examples:
 #   launch/local.sh -n 2 -d 2 -- --config configs/digits.py:test --workdir runs/mh
 #   launch/local.sh -n 2 -d 2 -m sample -- --workdir runs/mh --num_samples 64
@@ -35,6 +36,7 @@ if [[ -z "$python" ]]; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
   if [[ -x "$here/.venv/bin/python" ]]; then python="$here/.venv/bin/python"; else python=python3; fi
 fi
+if [[ $# -gt 0 && "$1" != -* ]]; then num=$1; shift; fi  # launch/local.sh N ...
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n|-d|-p|-m)

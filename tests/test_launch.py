@@ -391,6 +391,17 @@ def test_slurm_errors(env, options, message, tmp_path):
 # local.sh
 
 
+@pytest.mark.parametrize("first", [["3"], ["-n", "3"]])
+def test_local_takes_the_process_count_first_or_with_n(first):
+  proc = run(["bash", LOCAL, *first, "-m", "evaluate", "--dry-run", "--", "--workdir", "w"])
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert [shlex.split(line)[-1] for line in lines] == [f"--process_id={i}" for i in range(3)]
+  assert all("--num_processes=3" in line and "ddpm_jax.evaluate" in line for line in lines)
+  proc = run(["bash", LOCAL, "two", "--dry-run", "--", "--workdir", "w"])
+  assert proc.returncode == 2 and "positive integers, got 'two'" in proc.stderr
+
+
 @pytest.mark.parametrize("option", ["-n", "-d", "-p", "-m"])
 def test_local_option_without_a_value(option):
   proc = run(["bash", LOCAL, option])
