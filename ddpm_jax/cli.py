@@ -2,6 +2,7 @@
 import ast
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -31,7 +32,8 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
   """Calls `fn(*args)`; on one of `errors` prints `error: ...` to stderr and exits 1.
 
   Ctrl-C ends the run with `interrupted` and exit status 130, without a
-  traceback (outputs are written atomically, so nothing is left half-done).
+  traceback (outputs are written atomically, so nothing is left half-done);
+  SIGTERM after `stop_on_sigterm` with `terminated` and 143.
   """
   try:
     return fn(*args)
@@ -41,12 +43,13 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
     # shutdown barrier (5 minutes) for processes that are still running;
     # leaving at once tells them through the coordination service.
     _exit(1, now=_is_distributed())
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+  except KeyboardInterrupt as e:
+    terminated = isinstance(e, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
     # Ctrl-C while XLA compiles: Python's shutdown could crash in XLA's
     # compiler threads (a segfault instead of 130). The interrupt has already
     # unwound every `with`/`finally` that completes or removes an output.
-    _exit(130, now=True)
+    _exit(143 if terminated else 130, now=True)
 
 
 def _is_distributed() -> bool:
@@ -162,6 +165,55 @@ def initialize_processes() -> None:
   parallel.initialize_distributed(flags.FLAGS.coordinator_address,
                                   flags.FLAGS.num_processes,
                                   flags.FLAGS.process_id)
+
+
+def on_process_0(check: Callable[[], None]) -> None:
+  """Runs `check` on process 0 alone; if it raises, every process raises.
+
+  For checks of what process 0 alone writes (an output file, the results
+  directory). Were process 0 to stop alone, the others would wait for it in
+  their next collective and abort with a stack dump; here they all end with
+  a one-line error. With one process, `check` simply runs.
+
+  Raises:
+    what `check` raised (one of USER_ERRORS) on process 0; ValueError saying
+    so on the others.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  error = None
+  if jax.process_index() == 0:
+    try:
+      check()
+    except USER_ERRORS as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if int(failed) and error is None:
+      raise ValueError("process 0 refused the request (its error is in its "
+                       "output).")
+  if error is not None:
+    raise error
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised where Python next runs (see `stop_on_sigterm`)."""
+
+
+def stop_on_sigterm() -> None:
+  """From now on SIGTERM stops the run as Ctrl-C does, outputs untouched: exit 143.
+
+  Python's default would kill the process at once (an output's temporary file
+  left behind), and under `jax.distributed` JAX's pre-emption notifier takes
+  SIGTERM over, so the run would go on to the end. Call after
+  `initialize_processes`; the trainer has handlers of its own (it saves).
+  """
+  def handle(signum, frame):
+    del signum, frame
+    raise Terminated()
+
+  signal.signal(signal.SIGTERM, handle)
 
 
 def apply_dtype(config: ml_collections.ConfigDict, dtype) -> bool:

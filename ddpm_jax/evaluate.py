@@ -213,8 +213,10 @@ def prepare_sample_metrics(config, metrics) -> dict:
     raise ValueError(f"--num_reference must be in [2, {len(source)}] (the training "
                      f"split's size), got {num_reference}.")
   if "fid" in metrics or "kid" in metrics:
-    # Now, not after the Inception pass over the samples and the training set.
-    _check_writable_directory(os.path.expanduser(FLAGS.stats_cache), "--stats_cache")
+    # Now, not after the Inception pass over the samples and the training
+    # set. Process 0 writes the cache (the others read it when they can).
+    cli.on_process_0(lambda: _check_writable_directory(
+        os.path.expanduser(FLAGS.stats_cache), "--stats_cache"))
   weights = m.resolve_weights_path(FLAGS.inception_weights)
   setup["module"], setup["inception_params"] = m.load_inception(weights)
   setup.update(weights=os.path.abspath(weights),
@@ -244,10 +246,11 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
   result.update(inception_weights=setup["weights"],
                 inception_weights_sha256=setup["weights_sha256"])
   module, inception_params = setup["module"], setup["inception_params"]
-  # Every process scores all the samples (the sampling was shared); one bar.
-  progress = jax.process_index() == 0
+  # Every process scores all the samples (the sampling was shared); process 0
+  # shows the bars and writes the reference statistics' cache.
+  first = jax.process_index() == 0
   feats = m.inception_features(module, inception_params, samples,
-                               batch_size=FLAGS.batch_size, progress=progress)
+                               batch_size=FLAGS.batch_size, progress=first)
   if "is" in metrics:
     result["is_splits"] = IS_SPLITS
     result["is"], result["is_std"] = m.inception_score(feats["logits"],
@@ -265,9 +268,9 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
     ref = m.reference_stats(
         name, lambda: m.inception_features(
             module, inception_params, _training_images(source, num_reference),
-            batch_size=FLAGS.batch_size, progress=progress)["pool3"],
+            batch_size=FLAGS.batch_size, progress=first)["pool3"],
         os.path.expanduser(FLAGS.stats_cache), keep_features="kid" in metrics,
-        fingerprint=fingerprint)
+        fingerprint=fingerprint, save=first)
     result["reference"] = f"{data.dataset} train, first {int(ref['num_examples'])} images"
     result["num_reference"] = int(ref["num_examples"])
     if "fid" in metrics:
@@ -352,6 +355,7 @@ def run(argv) -> None:
   from ddpm_jax.metrics import bpd  # pylint: disable=g-import-not-at-top
 
   cli.initialize_processes()  # before anything touches a device
+  cli.stop_on_sigterm()
   config, params, step = checkpointing.load_params(
       FLAGS.workdir, step=FLAGS.step,
       which="ema" if FLAGS.params == "ema" else "params")
@@ -366,8 +370,7 @@ def run(argv) -> None:
   sample_wanted = [x for x in metrics if x != "bpd"]
   if sample_wanted:
     setup = prepare_sample_metrics(config, sample_wanted)
-  if writer:
-    _check_writable_directory(eval_dir, "The results directory")
+  cli.on_process_0(lambda: _check_writable_directory(eval_dir, "The results directory"))
 
   if "bpd" in metrics:
     result = bpd.evaluate_bpd(config, params, split=FLAGS.split,

@@ -274,6 +274,7 @@ def run(argv) -> None:
     raise ValueError("Inpainting takes both --inpaint IMAGE and --mask MASK "
                      "(and no --outpaint).")
   cli.initialize_processes()  # before anything touches a device
+  cli.stop_on_sigterm()
   # The runs and inputs; every check of the request runs before "Sampling".
   classifier, dtype_changed, workdir_steps = None, False, {}
   if FLAGS.classifier_workdir:
@@ -318,10 +319,13 @@ def run(argv) -> None:
     raise ValueError(f"--out {out} and --grid {grid} are the same file; give "
                      "the grid another .png name (or --grid none).")
   writer = jax.process_index() == 0
-  if writer:
+
+  def check_outputs():
     _check_writable(out)
     if grid != "none":
       _check_writable(grid)
+
+  cli.on_process_0(check_outputs)  # the writer's paths; every process stops
   batch_size = generation.batch_size_for(FLAGS.num_samples, FLAGS.batch_size)
   if writer:  # one console for all processes
     print(f"Sampling {FLAGS.num_samples} images from {FLAGS.workdir} step {step} "

@@ -21,8 +21,9 @@
 #      which needs no arguments on TPU. The workers share the work; worker 0
 #      writes sample and evaluate outputs.
 # --env exports VAR=VALUE for the processes (repeatable).
-# --detach starts them under nohup and returns; follow training with
+# --detach starts them under nohup and returns; follow them with
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command 'tail -f ~/ddpm_train.log'
+#   (~/ddpm_sample.log or ~/ddpm_evaluate.log with --module)
 # --workdir must be a directory every worker shares (NFS, Filestore, a gcsfuse
 # mount): all workers write to the same checkpoints.
 # --dry-run prints the commands instead of running them. Exits non-zero on error.

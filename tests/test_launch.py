@@ -597,10 +597,11 @@ def test_local_second_ctrl_c_stops_at_once(fake_local, tmp_path):
   assert "failed" not in err and "resume" in err
 
 
-def test_local_sample_and_evaluate_share_two_processes(tmp_path):
+def test_local_sample_and_evaluate_on_two_processes(tmp_path):
   """`local.sh -m sample` / `-m evaluate`: 2 processes x 2 CPU devices (gloo)
   draw the samples and the bits/dim the library gives on this process's
-  8 devices; process 0 alone writes and prints."""
+  8 devices; process 0 alone writes and prints. A refused output and Ctrl-C
+  stop both processes cleanly."""
   from ddpm_jax import checkpointing, generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax.metrics import bpd  # pylint: disable=g-import-not-at-top
   from tiny_models import random_params, tiny_config  # pylint: disable=g-import-not-at-top
@@ -637,3 +638,39 @@ def test_local_sample_and_evaluate_share_two_processes(tmp_path):
                               progress=False)
   assert written["num_examples"] == 7
   np.testing.assert_allclose(written["total_bpd"], expected["total_bpd"], rtol=1e-5)
+
+  # An output only process 0 checks (it alone writes): every process stops
+  # with one line (process 1 used to abort in its next collective).
+  logs = tmp_path / "logs_refused"
+  r = subprocess.run(["bash", LOCAL, "-n", "2", "-d", "2", "-m", "sample", "--",
+                      "--workdir", workdir, "--out", "/proc/x.npz"],
+                     env=dict(env, LOG_DIR=str(logs)), capture_output=True, text=True,
+                     timeout=300)
+  first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+  assert r.returncode == 1
+  assert "error: Cannot write /proc/x.npz" in first
+  assert "error: process 0 refused the request" in second
+  assert "Traceback" not in first + second and "Check failure" not in first + second
+
+  # Ctrl-C: the processes stop at once (JAX's pre-emption notifier used to
+  # swallow their SIGTERM: they sampled on and wrote the output).
+  logs = tmp_path / "logs_interrupted"
+  proc = subprocess.Popen(
+      ["bash", LOCAL, "-n", "2", "-d", "2", "-m", "sample", "--", "--workdir", workdir,
+       "--num_samples", "2000", "--batch_size", "8", "--out", str(tmp_path / "int.npz")],
+      env=dict(env, LOG_DIR=str(logs)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, start_new_session=True)
+  try:
+    deadline, log0 = time.time() + 240, logs / "process_0.log"
+    while not (log0.exists() and "sampling:" in log0.read_text()):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+  assert proc.returncode == 130 and "local.sh: interrupted" in err, err
+  assert first.rstrip().endswith("terminated") and second.rstrip().endswith("terminated")
+  assert "Wrote" not in first and not list(tmp_path.glob("int*"))

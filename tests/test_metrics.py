@@ -485,6 +485,18 @@ def test_reference_stats_computed_once_then_cached(tmp_path):
   metrics.reference_stats("digits-train-8", compute, cache, fingerprint="other")
   assert len(calls) == 3
   assert sorted(os.listdir(cache)) == ["digits-train-8.npz"]
+  # save=False (a multi-host run's other processes) reads, never writes.
+  before = os.path.getmtime(stats_cache.cache_path("digits-train-8", cache))
+  read = metrics.reference_stats("digits-train-8", compute, cache, fingerprint="other",
+                                 save=False)
+  assert len(calls) == 3 and read["fingerprint"] == "other"
+  metrics.reference_stats("digits-train-8", compute, cache, fingerprint="third", save=False)
+  assert len(calls) == 4
+  assert metrics.load_stats(stats_cache.cache_path("digits-train-8", cache))["fingerprint"] == "other"
+  assert os.path.getmtime(stats_cache.cache_path("digits-train-8", cache)) == before
+  other = str(tmp_path / "never_made")
+  metrics.reference_stats("digits-train-8", compute, other, save=False)
+  assert not os.path.exists(other)
 
 
 def test_reference_stats_failure_leaves_no_file(tmp_path):

@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,32 @@ def test_cli_writes_samples_and_grid(pretrained_run, tmp_path):
   expected = image_grid.make_grid(samples.astype(np.float32) / 127.5 - 1.0)
   upscale = 64 // 8
   np.testing.assert_array_equal(grid[::upscale, ::upscale], expected[..., 0])
+
+
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                               (signal.SIGINT, 130, "interrupted")])
+def test_cli_stops_on_sigterm_or_ctrl_c_writing_nothing(pretrained_run, tmp_path, sig,
+                                                        status, word):
+  out, log = tmp_path / "s.npz", tmp_path / "stdout.txt"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  with open(log, "w") as stdout:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_jax.sample", "--workdir", pretrained_run,
+         "--num_samples", "4000", "--batch_size", "8", "--out", str(out)],
+        cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+      deadline = time.time() + 120
+      while "Sampling" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+      proc.send_signal(sig)
+      _, err = proc.communicate(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  assert proc.returncode == status and err.rstrip().endswith(word), (proc.returncode, err[-2000:])
+  assert "Traceback" not in err and not list(tmp_path.glob("s.*"))
 
 
 def test_class_conditional_samples_carry_labels(tmp_path):

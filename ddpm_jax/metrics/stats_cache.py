@@ -130,6 +130,7 @@ def reference_stats(
     *,
     keep_features: bool = False,
     fingerprint: str = "",
+    save: bool = True,
 ) -> dict:
   """The cached statistics called `name`, computing and saving them on a miss.
 
@@ -146,6 +147,8 @@ def reference_stats(
       sha256 of the Inception weights file and the reference images' data
       set, split, size and count); a cache entry with another fingerprint,
       or one that cannot be read, is recomputed.
+    save: write what was computed to the cache (False: only read it, e.g.
+      on every process of a multi-host run but the first).
 
   Returns:
     dict: 'mu' float64 `[D]`, 'sigma' float64 `[D, D]`, 'num_examples',
@@ -162,8 +165,9 @@ def reference_stats(
       return cached
   features = np.asarray(compute_fn())
   mu, sigma = scores.stats_from_features(features)
-  save_stats(path, mu, sigma, features=features if keep_features else None,
-             num_examples=len(features), fingerprint=fingerprint)
+  if save:
+    save_stats(path, mu, sigma, features=features if keep_features else None,
+               num_examples=len(features), fingerprint=fingerprint)
   # What was computed, not the file read back: a concurrent writer (a run
   # without features, say) may have replaced it since.
   out = {"mu": mu, "sigma": sigma, "fingerprint": fingerprint,
