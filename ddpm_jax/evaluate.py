@@ -13,13 +13,15 @@ the reference images). Every input of every metric is checked before any is
 computed. Results are printed and saved as JSON under WORKDIR/eval/, in a file
 named by the settings that change the numbers (`bpd_path`,
 `sample_metrics_path`); the JSON records all of them. Several processes (a
-TPU pod, SLURM tasks, `launch/local.sh -m evaluate`) share the sampling and the
-bound over all their devices; process 0 writes the results.
+TPU pod, SLURM tasks, `launch/local.sh -m evaluate`) share the sampling, the
+bound and the Inception passes over all their devices; process 0 writes the
+results.
 """
 import hashlib
 import json
 import os
 import re
+from typing import Optional
 
 import numpy as np
 from absl import app
@@ -88,11 +90,52 @@ def _exact_label(text) -> str:
   return label
 
 
-def _training_images(source, count):
-  """The first `count` training images as uint8 [n, H, W, C] chunks, in order."""
+def _training_images(source, start, stop):
+  """Training images start..stop-1 as uint8 [n, H, W, C] chunks, in order."""
   chunk = 1000
-  for start in range(0, count, chunk):
-    yield np.stack([source[i]["image"] for i in range(start, min(start + chunk, count))])
+  for first in range(start, stop, chunk):
+    yield np.stack([source[i]["image"] for i in range(first, min(first + chunk, stop))])
+
+
+def _shared_features(setup: dict, count: int, images, *, progress: bool) -> dict:
+  """Inception features of `count` images, each process scoring 1/P of them.
+
+  Args:
+    setup: from `prepare_sample_metrics` (the Inception module and params).
+    count: how many images.
+    images: `(start, stop) -> uint8 [n, H, W, C] chunks` of images
+      start..stop-1, the same images on every process.
+    progress: show this process's progress bar.
+
+  Returns:
+    Every image's {'pool3': float32 [count, 2048], 'logits': float32
+    [count, 1008]} on every process, in order.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
+
+  processes = jax.process_count()
+  per = -(-count // processes)  # the gather needs one block size
+  # A process past the end scores the last image again (dropped below):
+  # every block holds at least one image.
+  start = min(jax.process_index() * per, count - 1)
+  stop = min(start + per, count)
+  feats = m.inception_features(
+      setup["module"], setup["inception_params"], images(start, stop),
+      batch_size=min(-(-FLAGS.batch_size // processes), per), progress=progress)
+  if processes == 1:
+    return feats
+  feats = {k: np.concatenate([v, np.repeat(v[-1:], per - len(v), axis=0)])
+           for k, v in feats.items()}
+  gathered = multihost_utils.process_allgather(feats, tiled=True)
+  return {k: np.asarray(v)[:count] for k, v in gathered.items()}
+
+
+def _process_0_says(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (each must call this once)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def bpd_path(eval_dir: str, step: int, num_examples: int, split: str,
@@ -225,8 +268,12 @@ def prepare_sample_metrics(config, metrics) -> dict:
   return setup
 
 
-def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
-  """FID / IS / KID of samples (drawn now or read from --samples)."""
+def sample_metrics(config, params, metrics, setup: dict, *, step) -> Optional[dict]:
+  """FID / IS / KID of samples (drawn now or read from --samples).
+
+  Every process must call it (they share the sampling and the Inception
+  passes); process 0 gets the results, the others None.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax import generation  # pylint: disable=g-import-not-at-top
   from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
@@ -245,33 +292,23 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
                   dtype=config.model.dtype)
   result.update(inception_weights=setup["weights"],
                 inception_weights_sha256=setup["weights_sha256"])
-  module, inception_params = setup["module"], setup["inception_params"]
-  # Every process scores all the samples (the sampling was shared); process 0
-  # shows the bars and writes the reference statistics' cache.
+  # The processes share the Inception passes; process 0 alone shows the bars,
+  # computes the scores and reads and writes the statistics' cache.
   first = jax.process_index() == 0
-  feats = m.inception_features(module, inception_params, samples,
-                               batch_size=FLAGS.batch_size, progress=first)
+  feats = _shared_features(setup, len(samples), lambda a, b: [samples[a:b]],
+                           progress=first)
+  if "fid" in metrics or "kid" in metrics:
+    ref = _reference_stats(config, setup, keep_features="kid" in metrics,
+                           first=first)
+  if not first:
+    return None
   if "is" in metrics:
     result["is_splits"] = IS_SPLITS
     result["is"], result["is_std"] = m.inception_score(feats["logits"],
                                                        splits=IS_SPLITS)
   if "fid" in metrics or "kid" in metrics:
-    num_reference, source = setup["num_reference"], setup["source"]
-    data = config.data
-    # An image folder's files can change under the same name and count.
-    data_fingerprint = (source.fingerprint(num_reference)
-                        if hasattr(source, "fingerprint") else "")
-    name, fingerprint = m.reference_key(
-        dataset=data.dataset, split="train", image_size=data.image_size,
-        channels=data.channels, num_examples=num_reference,
-        weights_sha256=setup["weights_sha256"], data_fingerprint=data_fingerprint)
-    ref = m.reference_stats(
-        name, lambda: m.inception_features(
-            module, inception_params, _training_images(source, num_reference),
-            batch_size=FLAGS.batch_size, progress=first)["pool3"],
-        os.path.expanduser(FLAGS.stats_cache), keep_features="kid" in metrics,
-        fingerprint=fingerprint, save=first)
-    result["reference"] = f"{data.dataset} train, first {int(ref['num_examples'])} images"
+    result["reference"] = (f"{config.data.dataset} train, first "
+                           f"{int(ref['num_examples'])} images")
     result["num_reference"] = int(ref["num_examples"])
     if "fid" in metrics:
       mu, sigma = m.stats_from_features(feats["pool3"])
@@ -282,6 +319,45 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> dict:
       result["kid"], result["kid_std"] = m.kernel_inception_distance(
           feats["pool3"], ref["features"], subset_size=n)
   return result
+
+
+def _reference_stats(config, setup: dict, *, keep_features: bool, first: bool):
+  """The training images' statistics on process 0 (None on the others).
+
+  Process 0 reads them from the cache (its disk may be the only one that
+  has them); on a miss, every process scores its share of the images and
+  process 0 writes the cache.
+  """
+  from ddpm_jax import metrics as m  # pylint: disable=g-import-not-at-top
+
+  num_reference, source = setup["num_reference"], setup["source"]
+  compute = lambda: _shared_features(
+      setup, num_reference, lambda a, b: _training_images(source, a, b),
+      progress=first)["pool3"]
+  if not first:
+    if _process_0_says(False):  # process 0 missed its cache
+      compute()
+    return None
+  asked = []
+
+  def compute_on_every_process():
+    asked.append(_process_0_says(True))
+    return compute()
+
+  data = config.data
+  # An image folder's files can change under the same name and count.
+  data_fingerprint = (source.fingerprint(num_reference)
+                      if hasattr(source, "fingerprint") else "")
+  name, fingerprint = m.reference_key(
+      dataset=data.dataset, split="train", image_size=data.image_size,
+      channels=data.channels, num_examples=num_reference,
+      weights_sha256=setup["weights_sha256"], data_fingerprint=data_fingerprint)
+  ref = m.reference_stats(name, compute_on_every_process,
+                          os.path.expanduser(FLAGS.stats_cache),
+                          keep_features=keep_features, fingerprint=fingerprint)
+  if not asked:
+    _process_0_says(False)
+  return ref
 
 
 # Flags that only some metrics read: given without them, they would be ignored.

@@ -1,6 +1,7 @@
 """`python -m ddpm_jax.evaluate`: bits/dim against calc_bpd_loop, and its errors."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -439,3 +440,86 @@ def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
       f"inception{w}.json"))
   with open(os.path.join(pretrained_run, "eval", name)) as f:
     assert json.load(f) == from_file
+
+
+_SHARED_FEATURES_SCRIPT = """
+import sys
+import numpy as np
+from ddpm_jax import parallel
+parallel.initialize_distributed()
+import jax
+from absl import flags
+from ddpm_jax import evaluate, metrics
+from tiny_models import TinyFeatures, tiny_config, tiny_features_params
+out, = sys.argv[1:]
+flags.FLAGS(["evaluate", "--workdir", out, "--batch_size", "6",
+             "--stats_cache", out + "/cache"])
+inputs = np.load(out + "/inputs.npz")
+samples, references = inputs["samples"], inputs["references"]
+calls = []
+real = metrics.inception_features
+metrics.inception_features = lambda *a, **k: calls.append(1) or real(*a, **k)
+setup = {"module": TinyFeatures(), "inception_params": tiny_features_params(),
+         "source": [{"image": x} for x in references], "num_reference": len(references),
+         "weights_sha256": "0" * 64}
+got = {}
+for n in (len(samples), 1):  # 1: process 1's block lies past the end
+  feats = evaluate._shared_features(setup, n, lambda a, b: [samples[a:b]], progress=False)
+  got.update({f"{k}_{n}": v for k, v in feats.items()})
+first = jax.process_index() == 0
+for phase in ("computed", "cached"):
+  calls.clear()
+  ref = evaluate._reference_stats(tiny_config(), setup, keep_features=True, first=first)
+  got[f"calls_{phase}"] = len(calls)
+  if first:
+    got.update({f"{k}_{phase}": ref[k] for k in ("mu", "sigma", "features")})
+  else:
+    assert ref is None
+np.savez(f"{out}/got_{jax.process_index()}.npz", **got)
+"""
+
+
+def test_two_processes_share_the_inception_passes(tmp_path):
+  """2 processes x 2 CPU devices: each scores its block of the samples and
+  (on a cache miss only) of the reference images; every process gets all
+  the features, process 0 the statistics, equal to one pass on 8 devices."""
+  from ddpm_jax import metrics  # pylint: disable=g-import-not-at-top
+  from tiny_models import TinyFeatures, tiny_features_params  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / "worker.py"
+  script.write_text(_SHARED_FEATURES_SCRIPT)
+  # 21 samples and 13 reference images: blocks of 11 and 10, of 7 and 6.
+  rng = np.random.default_rng(3)
+  samples = rng.integers(0, 256, (21, 8, 8, 1), dtype=np.uint8)
+  references = rng.integers(0, 256, (13, 8, 8, 1), dtype=np.uint8)
+  np.savez(tmp_path / "inputs.npz", samples=samples, references=references)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+             JAX_NUM_PROCESSES="2",
+             PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+  procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=root,
+                            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  got = [dict(np.load(tmp_path / f"got_{i}.npz")) for i in range(2)]
+
+  module, params = TinyFeatures(), tiny_features_params()
+  want = metrics.inception_features(module, params, samples, batch_size=8)
+  want_ref = metrics.inception_features(module, params, references, batch_size=8)["pool3"]
+  for g in got:
+    for k in ("pool3", "logits"):
+      np.testing.assert_allclose(g[f"{k}_21"], want[k], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(g[f"{k}_1"], want[k][:1], rtol=1e-5, atol=1e-6)
+  # One Inception pass per process on the miss, none on the hit.
+  assert [(g["calls_computed"], g["calls_cached"]) for g in got] == [(1, 0), (1, 0)]
+  mu, sigma = metrics.stats_from_features(want_ref)
+  for phase in ("computed", "cached"):
+    np.testing.assert_allclose(got[0][f"features_{phase}"], want_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0][f"mu_{phase}"], mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0][f"sigma_{phase}"], sigma, rtol=1e-4, atol=1e-6)
+  assert len(os.listdir(tmp_path / "cache")) == 1

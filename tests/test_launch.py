@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from test_metrics import peer  # noqa: F401  (a fixture: torch-fidelity's Inception)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
@@ -675,3 +676,56 @@ def test_local_sample_and_evaluate_on_two_processes(tmp_path):
   assert "terminated" in first and "terminated" in second, (first, second)
   assert "Check failure" not in first + second
   assert "Wrote" not in first and not list(tmp_path.glob("int*"))
+
+
+@pytest.mark.slow
+def test_local_fid_is_kid_on_two_processes(tmp_path, peer):
+  """`local.sh -m evaluate --metric fid,is,kid`: 2 processes x 2 CPU devices
+  share the Inception passes (21 samples, 13 reference images: blocks of 11
+  and 10, of 7 and 6) and give the scores of one pass over all; process 0
+  alone prints, computes the scores and writes the statistics' cache.
+  (test_evaluate.test_two_processes_share_the_inception_passes checks the
+  same plumbing, with a stand-in for Inception, in the default run.)"""
+  from ddpm_jax import checkpointing, input_pipeline, metrics  # pylint: disable=g-import-not-at-top
+  from tiny_models import random_params, tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = tiny_config()
+  checkpointing.save_pretrained(workdir, config, random_params(config))
+  weights = str(tmp_path / "inception.npz")  # random weights, torch-fidelity's names
+  np.savez(weights, **{k: v.numpy() for k, v in peer.state_dict().items()
+                       if not k.endswith("num_batches_tracked")})
+  samples = np.random.default_rng(0).integers(0, 256, (21, 8, 8, 1), dtype=np.uint8)
+  np.savez(tmp_path / "s.npz", samples=samples)
+  cache = str(tmp_path / "cache")
+  env = {k: v for k, v in os.environ.items() if k not in ("PORT", "XLA_FLAGS")}
+  results = []
+  for name in ("computed", "cached"):  # the reference statistics
+    logs = tmp_path / f"logs_{name}"
+    r = subprocess.run(
+        ["bash", LOCAL, "-n", "2", "-d", "2", "-m", "evaluate", "--", "--workdir",
+         workdir, "--metric", "fid,is,kid", "--samples", str(tmp_path / "s.npz"),
+         "--num_reference", "13", "--inception_weights", weights, "--stats_cache",
+         cache, "--batch_size", "8"],
+        env=dict(env, LOG_DIR=str(logs)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stderr, [p.read_text()[-2000:] for p in logs.glob("*.log")])
+    first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+    assert "FID " in first and "FID " not in second, (first, second)
+    assert "Inception" not in second and "Warning" not in second, second
+    assert len(os.listdir(cache)) == 1
+    (result_file,) = (tmp_path / "run" / "eval").glob("fid_is_kid_*.json")
+    results.append(json.loads(result_file.read_text()))
+  assert results[0] == results[1]
+
+  module, inception = metrics.load_inception(weights)
+  feats = metrics.inception_features(module, inception, samples, batch_size=8)
+  source = input_pipeline.create_source(config, "train")
+  ref = metrics.inception_features(
+      module, inception, np.stack([source[i]["image"] for i in range(13)]),
+      batch_size=8)["pool3"]
+  fid = metrics.fid_from_stats(*metrics.stats_from_features(feats["pool3"]),
+                               *metrics.stats_from_features(ref))
+  is_mean, is_std = metrics.inception_score(feats["logits"], 10)
+  kid, kid_std = metrics.kernel_inception_distance(feats["pool3"], ref, subset_size=13)
+  np.testing.assert_allclose(
+      [results[0][k] for k in ("fid", "is", "is_std", "kid", "kid_std")],
+      [fid, is_mean, is_std, kid, kid_std], rtol=1e-4)

@@ -58,3 +58,23 @@ def init_random(config, batch=2, abstract=False):
   return model, flax.traverse_util.unflatten_dict({
       k: jnp.asarray((k[-1] == "scale") + 0.1 * rng.normal(size=v.shape),
                      jnp.float32) for k, v in flat.items()})
+
+
+class TinyFeatures(flax.linen.Module):
+  """Stands in for `metrics.InceptionV3` where only the plumbing is tested:
+  its outputs ('pool3' [B, 6], 'logits' [B, 4]) from a 9x9 subsample of the
+  299x299 input, in milliseconds."""
+
+  @flax.linen.compact
+  def __call__(self, x):
+    h = x[:, ::37, ::37, :].reshape(len(x), -1)
+    return {"pool3": flax.linen.Dense(6)(h), "logits": flax.linen.Dense(4)(h)}
+
+
+def tiny_features_params():
+  h = 9 * 9 * 3
+  rng = np.random.default_rng(7)
+  dense = lambda n: {"kernel": jnp.asarray(rng.standard_normal((h, n)) / np.sqrt(h),
+                                           jnp.float32),
+                     "bias": jnp.asarray(rng.standard_normal(n), jnp.float32)}
+  return {"Dense_0": dense(6), "Dense_1": dense(4)}

@@ -147,8 +147,7 @@ def reference_stats(
       sha256 of the Inception weights file and the reference images' data
       set, split, size and count); a cache entry with another fingerprint,
       or one that cannot be read, is recomputed.
-    save: write what was computed to the cache (False: only read it, e.g.
-      on every process of a multi-host run but the first).
+    save: write what was computed to the cache (False: only read it).
 
   Returns:
     dict: 'mu' float64 `[D]`, 'sigma' float64 `[D, D]`, 'num_examples',
