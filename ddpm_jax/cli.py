@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from typing import Any, Callable
 
 from absl import flags
@@ -33,7 +34,9 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
 
   Ctrl-C ends the run with `interrupted` and exit status 130, without a
   traceback (outputs are written atomically, so nothing is left half-done);
-  SIGTERM after `stop_on_sigterm` with `terminated` and 143.
+  SIGTERM after `stop_on_sigterm` with `terminated` and 143. Other
+  exceptions propagate, except in a run of several processes, where the
+  failing one prints its traceback and exits 1 at once, which ends the others.
   """
   try:
     return fn(*args)
@@ -43,6 +46,14 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
     # shutdown barrier (5 minutes) for processes that are still running;
     # leaving at once tells them through the coordination service.
     _exit(1, now=_is_distributed())
+  except Exception:  # pylint: disable=broad-except
+    if not _is_distributed():
+      raise
+    # A bug or a failed device on one process of several: the same wait in
+    # the shutdown barrier would keep the others in their next collective
+    # for 5 minutes; leaving at once ends them too.
+    traceback.print_exc()
+    _exit(1, now=True)
   except KeyboardInterrupt as e:
     terminated = isinstance(e, Terminated)
     print("terminated" if terminated else "interrupted", file=sys.stderr)

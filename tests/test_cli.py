@@ -34,13 +34,14 @@ import atexit, sys, time
 from ddpm_jax import cli, parallel
 atexit.register(lambda: print("python shut down", flush=True))
 kind, process_id = sys.argv[1], int(sys.argv[2])
-if kind == "distributed":
+if len(sys.argv) > 3:  # one of two processes
   parallel.initialize_distributed(sys.argv[3], 2, process_id)
   if process_id == 0:
     time.sleep(120)  # still running when process 1 fails
 def fail():
   print("logged before", flush=False)  # flushed on the way out
-  raise KeyboardInterrupt if kind == "ctrl-c" else ValueError("bad --steps")
+  raise {"ctrl-c": KeyboardInterrupt, "user": ValueError("bad --steps"),
+         "bug": RuntimeError("a bug")}[kind]
 cli.exit_on_user_error(fail)
 """
 
@@ -63,16 +64,21 @@ def test_ctrl_c_leaves_at_once_with_130(tmp_path):
   assert out.strip() == "logged before"  # flushed, and no atexit handler ran
 
 
-def test_one_failing_process_of_several_exits_at_once(tmp_path):
+@pytest.mark.parametrize("kind,message", [
+    ("user", "error: bad --steps"),
+    ("bug", "RuntimeError: a bug"),  # with its traceback
+])
+def test_one_failing_process_of_several_exits_at_once(tmp_path, kind, message):
   """Not after jax.distributed's 5-minute shutdown barrier."""
-  address = f"127.0.0.1:{20000 + (os.getpid() + 7) % 20000}"
-  waiting = _run_exit_script(tmp_path, "distributed", "0", address)
+  address = f"127.0.0.1:{20000 + (os.getpid() + 7 + len(kind)) % 20000}"
+  waiting = _run_exit_script(tmp_path, kind, "0", address)
   try:
-    failing = _run_exit_script(tmp_path, "distributed", "1", address)
+    failing = _run_exit_script(tmp_path, kind, "1", address)
     start = time.monotonic()
     out, err = failing.communicate(timeout=150)
     assert failing.returncode == 1, err
-    assert "error: bad --steps" in err
+    assert message in err
+    assert ("Traceback" in err) == (kind == "bug"), err
     assert time.monotonic() - start < 60
   finally:
     waiting.kill()
