@@ -370,14 +370,38 @@ def test_cli_inception_score_needs_two_samples_per_split(pretrained_run, tmp_pat
   assert r.returncode == 1 and "at least 20 samples; got 10" in r.stderr
 
 
+def random_inception_weights(peer, path) -> str:
+  """torch-fidelity's Inception (`peer`, random weights) saved at `path` in
+  the .npz form `--inception_weights` reads."""
+  np.savez(path, **{k: v.numpy() for k, v in peer.state_dict().items()
+                    if not k.endswith("num_batches_tracked")})
+  return str(path)
+
+
+def library_scores(weights, config, samples, num_reference) -> dict:
+  """FID, IS and KID (with their stds) of uint8 `samples` against the run's
+  first `num_reference` training images, through the library API."""
+  from ddpm_jax import metrics  # pylint: disable=g-import-not-at-top
+  module, inception = metrics.load_inception(weights)
+  feats = metrics.inception_features(module, inception, samples, batch_size=8)
+  source = input_pipeline.create_source(config, "train")
+  ref = metrics.inception_features(
+      module, inception, np.stack([source[i]["image"] for i in range(num_reference)]),
+      batch_size=8)["pool3"]
+  scores = {"fid": metrics.fid_from_stats(*metrics.stats_from_features(feats["pool3"]),
+                                          *metrics.stats_from_features(ref))}
+  scores["is"], scores["is_std"] = metrics.inception_score(feats["logits"], 10)
+  scores["kid"], scores["kid_std"] = metrics.kernel_inception_distance(
+      feats["pool3"], ref, subset_size=min(len(samples), num_reference))
+  return scores
+
+
 @pytest.mark.slow
 def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
                                                          tmp_path):
   """The whole FID path against a recomputation through the library API."""
-  from ddpm_jax import generation, input_pipeline, metrics  # pylint: disable=g-import-not-at-top
-  weights = str(tmp_path / "inception.npz")
-  np.savez(weights, **{k: v.numpy() for k, v in peer.state_dict().items()
-                       if not k.endswith("num_batches_tracked")})
+  from ddpm_jax import generation, metrics  # pylint: disable=g-import-not-at-top
+  weights = random_inception_weights(peer, tmp_path / "inception.npz")
   cache = str(tmp_path / "cache")
   r = run_cli("--workdir", pretrained_run, "--metric", "kid,is,fid",
               "--num_samples", "20", "--batch_size", "8", "--num_reference",
@@ -397,19 +421,10 @@ def test_cli_fid_is_kid_end_to_end_with_random_inception(pretrained_run, peer,
   samples = generation.generate(
       config, params, num_samples=20, batch_size=8, progress=False,
       options=generation.SamplerOptions(sampler="ddim", steps="5"))["samples"]
-  module, inception = metrics.load_inception(weights)
-  feats = metrics.inception_features(module, inception, samples, batch_size=8)
-  source = input_pipeline.create_source(config, "train")
-  ref = metrics.inception_features(
-      module, inception, np.stack([source[i]["image"] for i in range(12)]),
-      batch_size=8)["pool3"]
-  fid = metrics.fid_from_stats(*metrics.stats_from_features(feats["pool3"]),
-                               *metrics.stats_from_features(ref))
-  np.testing.assert_allclose(saved["fid"], fid, rtol=1e-3)
-  np.testing.assert_allclose(saved["is"],
-                             metrics.inception_score(feats["logits"], 10)[0],
-                             rtol=1e-3)
-  assert np.isfinite(saved["kid"]) and saved["num_samples"] == 20
+  want = library_scores(weights, config, samples, 12)
+  for k in ("fid", "is", "is_std", "kid", "kid_std"):
+    np.testing.assert_allclose(saved[k], want[k], rtol=1e-3, err_msg=k)
+  assert saved["num_samples"] == 20
   # The same samples from a file: scored alike, in a file named after it
   # and its content.
   path = str(tmp_path / "my_samples.npz")

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from test_evaluate import library_scores, random_inception_weights
 from test_metrics import peer  # noqa: F401  (a fixture: torch-fidelity's Inception)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -686,14 +687,12 @@ def test_local_fid_is_kid_on_two_processes(tmp_path, peer):
   alone prints, computes the scores and writes the statistics' cache.
   (test_evaluate.test_two_processes_share_the_inception_passes checks the
   same plumbing, with a stand-in for Inception, in the default run.)"""
-  from ddpm_jax import checkpointing, input_pipeline, metrics  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from tiny_models import random_params, tiny_config  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   config = tiny_config()
   checkpointing.save_pretrained(workdir, config, random_params(config))
-  weights = str(tmp_path / "inception.npz")  # random weights, torch-fidelity's names
-  np.savez(weights, **{k: v.numpy() for k, v in peer.state_dict().items()
-                       if not k.endswith("num_batches_tracked")})
+  weights = random_inception_weights(peer, tmp_path / "inception.npz")
   samples = np.random.default_rng(0).integers(0, 256, (21, 8, 8, 1), dtype=np.uint8)
   np.savez(tmp_path / "s.npz", samples=samples)
   cache = str(tmp_path / "cache")
@@ -716,16 +715,6 @@ def test_local_fid_is_kid_on_two_processes(tmp_path, peer):
     results.append(json.loads(result_file.read_text()))
   assert results[0] == results[1]
 
-  module, inception = metrics.load_inception(weights)
-  feats = metrics.inception_features(module, inception, samples, batch_size=8)
-  source = input_pipeline.create_source(config, "train")
-  ref = metrics.inception_features(
-      module, inception, np.stack([source[i]["image"] for i in range(13)]),
-      batch_size=8)["pool3"]
-  fid = metrics.fid_from_stats(*metrics.stats_from_features(feats["pool3"]),
-                               *metrics.stats_from_features(ref))
-  is_mean, is_std = metrics.inception_score(feats["logits"], 10)
-  kid, kid_std = metrics.kernel_inception_distance(feats["pool3"], ref, subset_size=13)
-  np.testing.assert_allclose(
-      [results[0][k] for k in ("fid", "is", "is_std", "kid", "kid_std")],
-      [fid, is_mean, is_std, kid, kid_std], rtol=1e-4)
+  want = library_scores(weights, config, samples, 13)
+  np.testing.assert_allclose([results[0][k] for k in want], list(want.values()),
+                             rtol=1e-4)
