@@ -21,7 +21,8 @@
 # Ctrl-C: every process saves its current step and stops; exit 130, and the
 # same command resumes the run (sample and evaluate just stop). A second
 # Ctrl-C kills them at once (the last saved checkpoint stays). SIGTERM is
-# passed on: exit 0 once all have saved.
+# passed on: training saves its step and exits 0 (a preempted run that saved
+# is no failure); sample and evaluate stop, writing nothing: exit 143.
 # --dry-run prints the commands instead of running them.
 # Exits 1 if any process fails, 2 on bad options.
 set -euo pipefail
@@ -72,7 +73,7 @@ fi
 log_dir=${LOG_DIR:-${TMPDIR:-/tmp}/ddpm_local_$(date +%Y%m%d-%H%M%S)_$port}
 xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
 
-pids=() interrupts=0
+pids=() interrupts=0 terminated=0
 signal_all() { for p in "${pids[@]}"; do kill -s "$1" "$p" 2> /dev/null || true; done; }
 # The processes ignore SIGINT (background jobs of a script do): Ctrl-C reaches
 # them as SIGTERM (save, then stop), a second one as SIGKILL.
@@ -92,7 +93,7 @@ on_int() {
   fi
 }
 trap on_int INT
-trap 'signal_all TERM' TERM
+trap 'terminated=1; signal_all TERM' TERM
 
 if ((!dry_run)); then
   mkdir -p "$log_dir"
@@ -126,8 +127,8 @@ for ((i = 0; i < ${#pids[@]}; i++)); do
   if ((rc != 0)); then
     failed=1
     # Killed by Ctrl-C (SIGKILL, or SIGTERM before the trainer's handler was
-    # set): nothing to show.
-    ((interrupts > 1 || (interrupts && rc == 143))) && continue
+    # set) or stopped by a SIGTERM passed on: nothing to show.
+    ((interrupts > 1 || ((interrupts || terminated) && rc == 143))) && continue
     log="$log_dir/process_$i.log"
     echo "local.sh: process $i failed (exit $rc); the end of $log:" >&2
     tail -n 10 "$log" | sed "s/^/  /" >&2 || true
@@ -142,6 +143,10 @@ if ((interrupts)); then
     echo "local.sh: interrupted; the run saved its current step: run the same command to resume" >&2
   fi
   exit 130
+fi
+if ((terminated && failed)); then
+  echo "local.sh: terminated" >&2
+  exit 143
 fi
 if ((failed)); then exit 1; fi
 echo "local.sh: all $num processes finished; logs in $log_dir" >&2

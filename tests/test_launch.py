@@ -438,7 +438,8 @@ def test_local_sigterm_waits_for_the_processes_to_save(tmp_path):
 
 # A fake trainer, run by a fake `python`: process 0 listens on the coordinator
 # port (as jax.distributed's coordinator does); SIGTERM saves (FAKE_SAVE_S
-# seconds) and exits 0; each process records how it was started; it stops
+# seconds) and exits 0 (with FAKE_TERM_EXIT=N: exits N at once, as sample and
+# evaluate do with 143); each process records how it was started; it stops
 # when OUT/stop appears; with FAKE_FAIL=1 process 0 exits 0 at once and
 # process 1 prints 15 lines and exits 3.
 _FAKE_TRAIN = """
@@ -453,6 +454,8 @@ if pid == "0":
   server.listen()
 
 def on_term(*_):
+  if os.environ.get("FAKE_TERM_EXIT"):  # sample, evaluate: stop, save nothing
+    sys.exit(int(os.environ["FAKE_TERM_EXIT"]))
   time.sleep(float(os.environ.get("FAKE_SAVE_S", "0.2")))
   open(f"{out}/saved_{port}_{pid}", "w").close()
   sys.exit(0)
@@ -583,6 +586,18 @@ def test_local_ctrl_c_saves_and_exits_130(fake_local, tmp_path):
   assert proc.returncode == 130, err
   assert len(list(tmp_path.glob("saved_*"))) == 2
   assert "run the same command to resume" in err.strip().splitlines()[-1]
+
+
+def test_local_sigterm_stops_sample_with_143(fake_local, tmp_path):
+  """Sample and evaluate stop on SIGTERM without saving (exit 143 each):
+  no failure logs, and local.sh exits 143 too."""
+  proc = fake_local("-n", "2", "-m", "sample", FAKE_TERM_EXIT="143")
+  wait_for(lambda: len(started(tmp_path)) == 2, proc, "the processes started")
+  proc.terminate()  # to local.sh alone: it passes SIGTERM on
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 143, err
+  assert err.strip().splitlines()[-1] == "local.sh: terminated"
+  assert "failed" not in err and not list(tmp_path.glob("saved_*"))
 
 
 def test_local_second_ctrl_c_stops_at_once(fake_local, tmp_path):
