@@ -566,10 +566,11 @@ def train_and_evaluate(
                             stop_signals.name, step)
             stop = True
           elif jax.process_index() == 0:
+            grid_path = os.path.join(workdir, "samples", f"step_{step}.png")
             grid = image_grid.save_image_grid(
-                samples, os.path.join(workdir, "samples", f"step_{step}.png"),
-                upscale=max(1, 64 // int(config.data.image_size)))
+                samples, grid_path, upscale=max(1, 64 // int(config.data.image_size)))
             writer.image(step, "samples", grid)
+            logging.info("Wrote %s (%.0f s).", grid_path, time.time() - grid_start)
           window_start += time.time() - grid_start  # not training time
 
         if stop:
@@ -583,6 +584,7 @@ def train_and_evaluate(
           break
       else:
         _finish_saves(manager)
+        logging.info("Finished: step %d of %d in %s.", step, num_train_steps, workdir)
     return state
   finally:
     manager.wait_until_finished()

@@ -405,6 +405,11 @@ def test_compile_is_logged_and_left_out_of_the_throughput(tmp_path, caplog):
   first_line = next(i for i, m in enumerate(messages) if m.startswith("step 1/4"))
   grid = messages.index("sampling a grid of 8 images (100 steps)...")
   assert compiling < first_line < grid
+  wrote = next(i for i, m in enumerate(messages)
+               if m.startswith(f"Wrote {tmp_path / 'samples' / 'step_4.png'} ("))
+  assert grid < wrote
+  ours = [r.getMessage() for r in caplog.records if r.filename == "trainer.py"]
+  assert ours[-1] == f"Finished: step 4 of 4 in {tmp_path}."
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   # Step 1's window is the compilation: no throughput; the others have one.
   assert "images_per_sec" not in lines[0] and "ETA" not in messages[first_line]
