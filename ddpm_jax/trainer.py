@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from ddpm_jax import checkpointing
 from ddpm_jax import files
@@ -324,11 +325,15 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: Any, diffusion: Any
 
   def sample(params, rng, should_stop=None):
     x = prior(rng)
-    for hi in range(steps, 0, -size):
-      if should_stop is not None and should_stop():
-        return None
-      x = chunk(params, x, rng, hi, max(hi - size, 0))
-      x.block_until_ready()
+    # Process 0 shows the chain's progress: on a CPU a grid takes minutes.
+    with tqdm(total=steps, unit="step", desc="sample grid", leave=False,
+              disable=jax.process_index() != 0) as bar:
+      for hi in range(steps, 0, -size):
+        if should_stop is not None and should_stop():
+          return None
+        x = chunk(params, x, rng, hi, max(hi - size, 0))
+        x.block_until_ready()
+        bar.update(hi - max(hi - size, 0))
     return x
 
   return sample
