@@ -614,6 +614,11 @@ def test_local_second_ctrl_c_stops_at_once(fake_local, tmp_path):
   assert "failed" not in err and "resume" in err
 
 
+def process_logs(log_dir):
+  """The texts of process_0.log and process_1.log in local.sh's `log_dir`."""
+  return [(log_dir / f"process_{i}.log").read_text() for i in range(2)]
+
+
 def test_local_sample_and_evaluate_on_two_processes(tmp_path):
   """`local.sh -m sample` / `-m evaluate`: 2 processes x 2 CPU devices (gloo)
   draw the samples and the bits/dim the library gives on this process's
@@ -637,7 +642,7 @@ def test_local_sample_and_evaluate_on_two_processes(tmp_path):
                         "--workdir", workdir, *args], env=dict(env, LOG_DIR=str(logs)),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stderr, [p.read_text()[-2000:] for p in logs.glob("*.log")])
-    first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+    first, second = process_logs(logs)
     for text in console:  # process 0's console only
       assert text in first and text not in second, (text, first, second)
 
@@ -663,7 +668,7 @@ def test_local_sample_and_evaluate_on_two_processes(tmp_path):
                       "--workdir", workdir, "--out", "/proc/x.npz"],
                      env=dict(env, LOG_DIR=str(logs)), capture_output=True, text=True,
                      timeout=300)
-  first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+  first, second = process_logs(logs)
   assert r.returncode == 1
   assert "error: Cannot write /proc/x.npz" in first
   assert "error: process 0 refused the request" in second
@@ -687,7 +692,7 @@ def test_local_sample_and_evaluate_on_two_processes(tmp_path):
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-  first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+  first, second = process_logs(logs)
   assert proc.returncode == 130 and "local.sh: interrupted" in err, err
   assert "terminated" in first and "terminated" in second, (first, second)
   assert "Check failure" not in first + second
@@ -722,7 +727,7 @@ def test_local_fid_is_kid_on_two_processes(tmp_path, peer):
          cache, "--batch_size", "8"],
         env=dict(env, LOG_DIR=str(logs)), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stderr, [p.read_text()[-2000:] for p in logs.glob("*.log")])
-    first, second = ((logs / f"process_{i}.log").read_text() for i in range(2))
+    first, second = process_logs(logs)
     assert "FID " in first and "FID " not in second, (first, second)
     assert "Inception" not in second and "Warning" not in second, second
     assert len(os.listdir(cache)) == 1
