@@ -97,19 +97,22 @@ def _training_images(source, start, stop):
     yield np.stack([source[i]["image"] for i in range(first, min(first + chunk, stop))])
 
 
-def _shared_features(setup: dict, count: int, images, *, progress: bool) -> dict:
+def _shared_features(setup: dict, count: int, images, keys, *,
+                     progress: bool) -> dict:
   """Inception features of `count` images, each process scoring 1/P of them.
 
   Args:
     setup: from `prepare_sample_metrics` (the Inception module and params).
-    count: how many images.
-    images: `(start, stop) -> uint8 [n, H, W, C] chunks` of images
-      start..stop-1, the same images on every process.
+    count: how many images, >= 1.
+    images: `(start, stop) ->` images start..stop-1 (uint8 [n, H, W, C], or
+      an iterable of such chunks), the same images on every process.
+    keys: the features wanted, from 'pool3' and 'logits' (only they are
+      gathered).
     progress: show this process's progress bar.
 
   Returns:
     Every image's {'pool3': float32 [count, 2048], 'logits': float32
-    [count, 1008]} on every process, in order.
+    [count, 1008]} (those of `keys`) on every process, in order.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -124,6 +127,7 @@ def _shared_features(setup: dict, count: int, images, *, progress: bool) -> dict
   feats = m.inception_features(
       setup["module"], setup["inception_params"], images(start, stop),
       batch_size=min(-(-FLAGS.batch_size // processes), per), progress=progress)
+  feats = {k: feats[k] for k in keys}
   if processes == 1:
     return feats
   feats = {k: np.concatenate([v, np.repeat(v[-1:], per - len(v), axis=0)])
@@ -257,7 +261,7 @@ def prepare_sample_metrics(config, metrics) -> dict:
                      f"split's size), got {num_reference}.")
   if "fid" in metrics or "kid" in metrics:
     # Now, not after the Inception pass over the samples and the training
-    # set. Process 0 writes the cache (the others read it when they can).
+    # set. Process 0 alone reads and writes the cache.
     cli.on_process_0(lambda: _check_writable_directory(
         os.path.expanduser(FLAGS.stats_cache), "--stats_cache"))
   weights = m.resolve_weights_path(FLAGS.inception_weights)
@@ -295,7 +299,9 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> Optional[di
   # The processes share the Inception passes; process 0 alone shows the bars,
   # computes the scores and reads and writes the statistics' cache.
   first = jax.process_index() == 0
-  feats = _shared_features(setup, len(samples), lambda a, b: [samples[a:b]],
+  keys = ((["pool3"] if "fid" in metrics or "kid" in metrics else []) +
+          (["logits"] if "is" in metrics else []))
+  feats = _shared_features(setup, len(samples), lambda a, b: samples[a:b], keys,
                            progress=first)
   if "fid" in metrics or "kid" in metrics:
     ref = _reference_stats(config, setup, keep_features="kid" in metrics,
@@ -333,7 +339,7 @@ def _reference_stats(config, setup: dict, *, keep_features: bool, first: bool):
   num_reference, source = setup["num_reference"], setup["source"]
   compute = lambda: _shared_features(
       setup, num_reference, lambda a, b: _training_images(source, a, b),
-      progress=first)["pool3"]
+      ["pool3"], progress=first)["pool3"]
   if not first:
     if _process_0_says(False):  # process 0 missed its cache
       compute()

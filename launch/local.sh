@@ -108,13 +108,13 @@ for ((i = 0; i < num; i++)); do
     printf '%q ' "${cmd[@]}"; echo
     continue
   fi
-  ((interrupts)) && break
+  ((interrupts || terminated)) && break
   "${cmd[@]}" > "$log_dir/process_$i.log" 2>&1 &
   pids+=($!)
 done
 ((dry_run)) && exit 0
 
-failed=0
+failed=0 other_failure=0  # other: an exit status but 143 (SIGTERM)
 for ((i = 0; i < ${#pids[@]}; i++)); do
   while :; do
     rc=0
@@ -126,6 +126,7 @@ for ((i = 0; i < ${#pids[@]}; i++)); do
   done
   if ((rc != 0)); then
     failed=1
+    ((rc != 143)) && other_failure=1
     # Killed by Ctrl-C (SIGKILL, or SIGTERM before the trainer's handler was
     # set) or stopped by a SIGTERM passed on: nothing to show.
     ((interrupts > 1 || ((interrupts || terminated) && rc == 143))) && continue
@@ -144,7 +145,7 @@ if ((interrupts)); then
   fi
   exit 130
 fi
-if ((terminated && failed)); then
+if ((terminated && failed && !other_failure)); then
   echo "local.sh: terminated" >&2
   exit 143
 fi

@@ -36,9 +36,14 @@ atexit.register(lambda: print("python shut down", flush=True))
 kind, process_id = sys.argv[1], int(sys.argv[2])
 if len(sys.argv) > 3:  # one of two processes
   parallel.initialize_distributed(sys.argv[3], 2, process_id)
-  if process_id == 0:
-    time.sleep(120)  # still running when process 1 fails
+  import numpy as np
+  from jax.experimental import multihost_utils
+  gather = lambda: multihost_utils.process_allgather(np.ones(1))
+  gather()  # both have joined the collectives
 def fail():
+  if len(sys.argv) > 3 and process_id == 0:
+    gather()  # waits for process 1, which fails instead
+    time.sleep(120)
   print("logged before", flush=False)  # flushed on the way out
   raise {"ctrl-c": KeyboardInterrupt, "user": ValueError("bad --steps"),
          "bug": RuntimeError("a bug")}[kind]
@@ -69,7 +74,8 @@ def test_ctrl_c_leaves_at_once_with_130(tmp_path):
     ("bug", "RuntimeError: a bug"),  # with its traceback
 ])
 def test_one_failing_process_of_several_exits_at_once(tmp_path, kind, message):
-  """Not after jax.distributed's 5-minute shutdown barrier."""
+  """Not after jax.distributed's 5-minute shutdown barrier; the other process,
+  waiting for it in a collective, ends too."""
   address = f"127.0.0.1:{20000 + (os.getpid() + 7 + len(kind)) % 20000}"
   waiting = _run_exit_script(tmp_path, kind, "0", address)
   try:
@@ -80,6 +86,9 @@ def test_one_failing_process_of_several_exits_at_once(tmp_path, kind, message):
     assert message in err
     assert ("Traceback" in err) == (kind == "bug"), err
     assert time.monotonic() - start < 60
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 1, err
+    assert "Gloo AllGather failed" in err
   finally:
     waiting.kill()
     waiting.communicate()

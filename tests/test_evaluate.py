@@ -16,7 +16,6 @@ from ddpm_jax import diffusion
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
 from ddpm_jax.metrics import bpd
-from test_metrics import peer  # noqa: F401  (a fixture: torch-fidelity's Inception)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -471,21 +470,29 @@ flags.FLAGS(["evaluate", "--workdir", out, "--batch_size", "6",
              "--stats_cache", out + "/cache"])
 inputs = np.load(out + "/inputs.npz")
 samples, references = inputs["samples"], inputs["references"]
-calls = []
+calls = []  # the number of images of each Inception pass here
 real = metrics.inception_features
-metrics.inception_features = lambda *a, **k: calls.append(1) or real(*a, **k)
+
+def counting(module, params, images, **kwargs):
+  chunks = [images] if isinstance(images, np.ndarray) else list(images)
+  calls.append(sum(map(len, chunks)))
+  return real(module, params, chunks, **kwargs)
+
+metrics.inception_features = counting
 setup = {"module": TinyFeatures(), "inception_params": tiny_features_params(),
          "source": [{"image": x} for x in references], "num_reference": len(references),
          "weights_sha256": "0" * 64}
 got = {}
 for n in (len(samples), 1):  # 1: process 1's block lies past the end
-  feats = evaluate._shared_features(setup, n, lambda a, b: [samples[a:b]], progress=False)
+  feats = evaluate._shared_features(setup, n, lambda a, b: samples[a:b],
+                                    ["pool3", "logits"], progress=False)
   got.update({f"{k}_{n}": v for k, v in feats.items()})
+got["calls_samples"] = list(calls)
 first = jax.process_index() == 0
 for phase in ("computed", "cached"):
   calls.clear()
   ref = evaluate._reference_stats(tiny_config(), setup, keep_features=True, first=first)
-  got[f"calls_{phase}"] = len(calls)
+  got[f"calls_{phase}"] = list(calls)
   if first:
     got.update({f"{k}_{phase}": ref[k] for k in ("mu", "sigma", "features")})
   else:
@@ -530,8 +537,11 @@ def test_two_processes_share_the_inception_passes(tmp_path):
     for k in ("pool3", "logits"):
       np.testing.assert_allclose(g[f"{k}_21"], want[k], rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(g[f"{k}_1"], want[k][:1], rtol=1e-5, atol=1e-6)
-  # One Inception pass per process on the miss, none on the hit.
-  assert [(g["calls_computed"], g["calls_cached"]) for g in got] == [(1, 0), (1, 0)]
+  # Each process scored its block (of 11 and 10 samples; of 1, and the last
+  # image again), and of 7 and 6 reference images on the miss, none on the hit.
+  assert [list(g["calls_samples"]) for g in got] == [[11, 1], [10, 1]]
+  assert [list(g["calls_computed"]) for g in got] == [[7], [6]]
+  assert [list(g["calls_cached"]) for g in got] == [[], []]
   mu, sigma = metrics.stats_from_features(want_ref)
   for phase in ("computed", "cached"):
     np.testing.assert_allclose(got[0][f"features_{phase}"], want_ref, rtol=1e-5, atol=1e-6)
