@@ -126,7 +126,8 @@ def _shared_features(setup: dict, count: int, images, keys, *,
   stop = min(start + per, count)
   feats = m.inception_features(
       setup["module"], setup["inception_params"], images(start, stop),
-      batch_size=min(-(-FLAGS.batch_size // processes), per), progress=progress)
+      batch_size=min(-(-FLAGS.batch_size // processes), per), progress=progress,
+      total=stop - start)
   feats = {k: feats[k] for k in keys}
   if processes == 1:
     return feats

@@ -116,6 +116,26 @@ def test_rebatch_keeps_order_and_pads():
   np.testing.assert_array_equal(flat, [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 0, 0])
 
 
+def test_inception_features_progress_bar_total(monkeypatch):
+  """An array's bar counts to its length; an iterable's to the `total` given."""
+  from tiny_models import TinyFeatures, tiny_features_params  # pylint: disable=g-import-not-at-top
+  bars = []
+
+  class RecordingBar(features_lib.tqdm):
+    def close(self):
+      bars.append((self.total, self.n))
+      super().close()
+
+  monkeypatch.setattr(features_lib, "tqdm", RecordingBar)
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+  module, params = TinyFeatures(), tiny_features_params()
+  whole = metrics.inception_features(module, params, images, batch_size=8, progress=True)
+  chunked = metrics.inception_features(module, params, iter([images[:2], images[2:]]),
+                                       batch_size=8, progress=True, total=5)
+  assert set(bars) == {(5, 5)}
+  np.testing.assert_array_equal(chunked["pool3"], whole["pool3"])
+
+
 def test_inception_features_rejects_bad_images():
   module, params = inception_lib.InceptionV3(), None  # Refused before any use.
   with pytest.raises(TypeError, match="uint8"):

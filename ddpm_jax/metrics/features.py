@@ -10,7 +10,7 @@ resize and scales by `(x - 128) / 128`; FIDs computed the two ways differ in
 the second decimal. We follow pytorch-fid because the weights file is its.)
 """
 import math
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -116,6 +116,7 @@ def inception_features(
     *,
     batch_size: int = 200,
     progress: bool = False,
+    total: Optional[int] = None,
 ) -> dict:
   """FID Inception features of uint8 images, on this host's devices.
 
@@ -127,6 +128,8 @@ def inception_features(
       local device count, over which each batch is sharded (params are
       replicated). The last batch is zero-padded and the padding dropped.
     progress: show a tqdm progress bar over images.
+    total: for an iterable, how many images it holds: the bar's total, for
+      its ETA (an array's is its length).
 
   Returns:
     {'pool3': float32 `[N, 2048]`, 'logits': float32 `[N, 1008]`} as numpy
@@ -136,7 +139,6 @@ def inception_features(
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  total = None
   if isinstance(images, np.ndarray):
     _check_images(images)
     total = len(images)
