@@ -36,7 +36,8 @@ def exit_on_user_error(fn: Callable[..., Any], *args,
   traceback (outputs are written atomically, so nothing is left half-done);
   SIGTERM after `stop_on_sigterm` with `terminated` and 143. Other
   exceptions propagate, except in a run of several processes, where the
-  failing one prints its traceback and exits 1 at once, which ends the others.
+  failing one prints its traceback and exits 1 at once (the others' next
+  collective then fails).
   """
   try:
     return fn(*args)
