@@ -300,11 +300,12 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> Optional[di
   # The processes share the Inception passes; process 0 alone shows the bars,
   # computes the scores and reads and writes the statistics' cache.
   first = jax.process_index() == 0
-  keys = ((["pool3"] if "fid" in metrics or "kid" in metrics else []) +
+  against_reference = "fid" in metrics or "kid" in metrics
+  keys = ((["pool3"] if against_reference else []) +
           (["logits"] if "is" in metrics else []))
   feats = _shared_features(setup, len(samples), lambda a, b: samples[a:b], keys,
                            progress=first)
-  if "fid" in metrics or "kid" in metrics:
+  if against_reference:
     ref = _reference_stats(config, setup, keep_features="kid" in metrics,
                            first=first)
   if not first:
@@ -313,7 +314,7 @@ def sample_metrics(config, params, metrics, setup: dict, *, step) -> Optional[di
     result["is_splits"] = IS_SPLITS
     result["is"], result["is_std"] = m.inception_score(feats["logits"],
                                                        splits=IS_SPLITS)
-  if "fid" in metrics or "kid" in metrics:
+  if against_reference:
     result["reference"] = (f"{config.data.dataset} train, first "
                            f"{int(ref['num_examples'])} images")
     result["num_reference"] = int(ref["num_examples"])

@@ -42,8 +42,7 @@ if len(sys.argv) > 3:  # one of two processes
   gather()  # both have joined the collectives
 def fail():
   if len(sys.argv) > 3 and process_id == 0:
-    gather()  # waits for process 1, which fails instead
-    time.sleep(120)
+    gather()  # waits for process 1, which fails instead: this raises
   print("logged before", flush=False)  # flushed on the way out
   raise {"ctrl-c": KeyboardInterrupt, "user": ValueError("bad --steps"),
          "bug": RuntimeError("a bug")}[kind]
